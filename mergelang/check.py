@@ -1,0 +1,249 @@
+"""Static checks against the inputs' headers, and the per-tensor plan that `run` executes.
+
+Everything here reads safetensors headers only, never tensor data: `mergelang check` finds
+missing inputs, corrupt files, missing tensors, shape mismatches, non-float dtypes and
+out-of-range per-tensor parameters before a byte of weights is read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .diagnostics import (
+    ARITHMETIC, CORRUPT, DTYPE, INPUT, MISSING_TENSOR, NO_MATCH, RANGE, SHAPE, TYPE, Reporter,
+)
+from .graph import Node, walk
+from .io import Checkpoint, CheckpointError, itemsize
+from .lower import Lowered
+from .ops import OPS
+from .optimize import FoldError, optimize
+from .specialize import LayerInfo, NoMatchingArm, specialize
+
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+DTYPE_ALIASES = {
+    "bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "half": "F16",
+    "fp32": "F32", "float32": "F32", "float": "F32", "fp64": "F64", "float64": "F64",
+}
+TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    graph: Node  # specialized and optimized for this tensor
+    shape: tuple[int, ...]
+    dtype: str  # output safetensors dtype code
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+
+@dataclass
+class Plan:
+    lowered: Lowered
+    checkpoints: dict[str, Checkpoint]  # model key → open checkpoint
+    reference: str  # the model whose tensor list, config and tokenizer the output takes
+    tensors: list[TensorPlan] = field(default_factory=list)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def close(self) -> None:
+        for c in self.checkpoints.values():
+            c.close()
+
+
+def parse_dtype(text: str | None) -> str | None:
+    if text is None:
+        return None
+    code = DTYPE_ALIASES.get(text.lower())
+    if code is None:
+        raise ValueError(f"unknown dtype {text!r}; expected one of bf16, fp16, fp32, fp64")
+    return code
+
+
+def resolve_inputs(lowered: Lowered, overrides: dict[str, Path], reporter: Reporter) -> dict[str, Path]:
+    """Each input's folder, after `--model NAME=PATH` (NAME is the bound name or the path as written)."""
+    folders = {key: m.folder for key, m in lowered.inputs.items()}
+    for name, path in overrides.items():
+        hits = [key for key, m in lowered.inputs.items() if name in (key, m.path_text)]
+        if not hits:
+            known = ", ".join(lowered.inputs) or "none"
+            reporter.error(INPUT, f"--model {name}=...: the spec has no model named `{name}`",
+                           help=f"the spec's models are: {known}")
+        for key in hits:
+            folders[key] = Path(path).expanduser().resolve()
+    return folders
+
+
+def open_inputs(lowered: Lowered, folders: dict[str, Path], reporter: Reporter) -> dict[str, Checkpoint]:
+    opened: dict[str, Checkpoint] = {}
+    for key, model in lowered.inputs.items():
+        try:
+            opened[key] = Checkpoint.open(folders[key])
+        except CheckpointError as e:
+            missing = not folders[key].exists()
+            reporter.error(INPUT if missing else CORRUPT,
+                           f"model `{key}`: {e.message}" if missing else f"model `{key}`: {e}",
+                           model.span, label="this model",
+                           notes=(f"looked in {folders[key]}",) if missing else (),
+                           help=("relative paths are relative to the spec's folder; "
+                                 f"or pass --model {key}=PATH") if missing else
+                           "the file is damaged or incomplete; copy or download it again")
+    return opened
+
+
+class _Grouped:
+    """Many tensors with the same problem become one diagnostic with a count."""
+
+    def __init__(self):
+        self.items: dict[tuple, list[str]] = defaultdict(list)
+
+    def add(self, key: tuple, tensor: str) -> None:
+        self.items[key].append(tensor)
+
+
+def _examples(tensors: list[str], n: int = 3) -> str:
+    shown = ", ".join(f"`{t}`" for t in tensors[:n])
+    return shown + (f" and {len(tensors) - n} more" if len(tensors) > n else "")
+
+
+def build_plan(lowered: Lowered, overrides: dict[str, Path] | None = None, dtype: str | None = None,
+               reporter: Reporter | None = None) -> Plan:
+    """Open every input's headers and plan each output tensor; raises MergelangError on any problem."""
+    reporter = reporter or Reporter()
+    out_dtype = parse_dtype(dtype)
+    folders = resolve_inputs(lowered, overrides or {}, reporter)
+    checkpoints = open_inputs(lowered, folders, reporter)
+    try:
+        reporter.raise_if_errors()
+        plan = Plan(lowered, checkpoints, lowered.reference_model().key)
+        _plan_tensors(plan, out_dtype, reporter)
+        reporter.raise_if_errors()
+    except BaseException:
+        for c in checkpoints.values():
+            c.close()
+        raise
+    return plan
+
+
+def _plan_tensors(plan: Plan, out_dtype: str | None, reporter: Reporter) -> None:
+    lowered = plan.lowered
+    ref = plan.checkpoints[plan.reference]
+    layers = LayerInfo.from_model(list(ref.tensors), ref.config)
+    missing, no_match, shapes, dtypes, not_tensor, ranges = (_Grouped() for _ in range(6))
+    used_models: set[str] = set()
+    for name, info in ref.tensors.items():
+        try:
+            graph = optimize(specialize(lowered.output, name, layers, lowered.spans), lowered.spans)
+        except NoMatchingArm as e:
+            no_match.add((e.node,), name)
+            continue
+        except FoldError as e:
+            reporter.error(ARITHMETIC, f"{e.message} (for tensor `{name}`)", lowered.spans.first(e.node))
+            continue
+        shape = _infer(graph, name, plan, missing, shapes, dtypes, used_models)
+        _check_params(graph, name, lowered, ranges)
+        if shape is _BAD:
+            continue
+        if shape is None:
+            not_tensor.add((graph,), name)
+            continue
+        plan.tensors.append(TensorPlan(name, graph, shape, out_dtype or info.dtype))
+    spans = lowered.spans
+    for (key,), tensors in missing.items.items():
+        reporter.error(MISSING_TENSOR, f"model `{key}` has no tensor {_examples(tensors)}, which `{plan.reference}` has",
+                       lowered.inputs[key].span, label=f"{len(tensors)} tensor{'s' * (len(tensors) > 1)} missing",
+                       notes=(f"`{key}` is {plan.checkpoints[key].path}",),
+                       help="all models in a formula must have the same tensors")
+    for (node,), tensors in no_match.items.items():
+        patterns = ", ".join(f'"{p}"' for p in node.attr("patterns") if p is not None)
+        reporter.error(NO_MATCH, f"no arm of `match tensor` matches {_examples(tensors)}", spans.first(node),
+                       notes=(f"the patterns are {patterns}",), help="add a default arm `_ => VALUE`")
+    for (node, a, b), tensors in shapes.items.items():
+        reporter.error(SHAPE, f"shapes differ in `{node.op}`: {a} vs {b}, for {_examples(tensors)}",
+                       spans.first(node), label="these operands", help="elementwise operations need equal shapes")
+    for (key, code), tensors in dtypes.items.items():
+        reporter.error(DTYPE, f"cannot compute in {code}: model `{key}` stores {_examples(tensors)} as {code}",
+                       lowered.inputs[key].span, help="mergelang merges floating-point tensors (F16, BF16, F32, F64)")
+    for (graph,), tensors in not_tensor.items.items():
+        reporter.error(TYPE, f"for {_examples(tensors)} the output is the number {graph!r}, not a tensor",
+                       lowered.output_span, help="every output tensor must involve a model")
+    for (node, index, message), tensors in ranges.items.items():
+        spec = OPS[node.op]
+        param = spec.params[index - (len(node.args) - len(spec.params))]
+        value = node.args[index].attr("value")
+        where = "" if len(tensors) == len(ref.tensors) else f" (for {_examples(tensors)})"
+        reporter.error(RANGE, f"`{param.name}` of `{spec.name}` {message}, got {value:g}{where}",
+                       lowered.param_spans.get((node, index)) or spans.first(node), label="out of range")
+    _warn_unused(plan, used_models, reporter)
+
+
+_BAD = object()
+
+
+def _infer(graph: Node, tensor: str, plan: Plan, missing, shapes, dtypes, used: set[str]):
+    """The output shape for this tensor, or None for a scalar, or _BAD after recording a problem."""
+    shape_of: dict[Node, object] = {}
+    bad = False
+    for n in walk(graph):
+        if n.op == "const":
+            shape_of[n] = None
+        elif n.op == "load":
+            key = n.attr("model")
+            used.add(key)
+            info = plan.checkpoints[key].tensors.get(tensor)
+            if info is None:
+                missing.add((key,), tensor)
+                shape_of[n], bad = _BAD, True
+            else:
+                if info.dtype not in FLOAT_DTYPES:
+                    dtypes.add((key, info.dtype), tensor)
+                    bad = True
+                shape_of[n] = info.shape
+        else:
+            found = [shape_of[a] for a in n.args if shape_of[a] is not None]
+            if any(s is _BAD for s in found):
+                shape_of[n] = _BAD
+                continue
+            distinct = list(dict.fromkeys(found))
+            if len(distinct) > 1:
+                shapes.add((n, list(distinct[0]), list(distinct[1])), tensor)
+                shape_of[n], bad = _BAD, True
+            else:
+                shape_of[n] = distinct[0] if distinct else None
+    return _BAD if bad else shape_of[graph]
+
+
+def _check_params(graph: Node, tensor: str, lowered: Lowered, ranges) -> None:
+    for n in walk(graph):
+        spec = OPS.get(n.op)
+        if spec is None or not spec.params:
+            continue
+        first = len(n.args) - len(spec.params)
+        for i, (p, a) in enumerate(zip(spec.params, n.args[first:])):
+            if p.check is not None and a.op == "const":
+                message = p.check(a.attr("value"))
+                if message:
+                    ranges.add((n, first + i, message), tensor)
+
+
+def _warn_unused(plan: Plan, used: set[str], reporter: Reporter) -> None:
+    ref = plan.checkpoints[plan.reference]
+    for key, ckpt in plan.checkpoints.items():
+        if key not in used:
+            continue
+        extra = [t for t in ckpt.tensors if t not in ref.tensors]
+        if extra:
+            reporter.warn(MISSING_TENSOR, f"model `{key}` has tensors that `{plan.reference}` lacks; they are "
+                                          f"left out of the output: {_examples(extra)}",
+                          plan.lowered.inputs[key].span)

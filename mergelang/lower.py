@@ -1,0 +1,487 @@
+"""AST → graph: bind names, inline `def`s, broadcast lists, type- and arity-check calls.
+
+The result is one generic graph for "the output tensor with this name": `load` nodes stand for
+"this tensor in that model", and per-tensor values (`match tensor`, `layers`) stay symbolic until
+`specialize` resolves them for each tensor name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import ast
+from .diagnostics import (
+    ARITHMETIC, ARITY, KEYWORD, LIST_LENGTH, OUTPUT_COUNT, RECURSION, REDEFINED, TYPE, UNKNOWN_NAME,
+    MergelangError, Reporter, suggest,
+)
+from .graph import Node, Spans, const, walk
+from .ops import OPS, REQUIRED, OpDef
+from .parse import parse_file
+from .resources import stdlib_files
+
+BUILTINS = {"model", "layers"}
+_BINOPS = {"+": "add", "-": "sub", "*": "mul", "/": "div"}
+
+
+@dataclass(frozen=True)
+class InputModel:
+    key: str  # the name the graph's `load` nodes use: the bound name, or the path as written
+    path_text: str
+    folder: Path
+    span: ast.Span
+
+
+@dataclass
+class Lowered:
+    """A checked program: the output graph, its inputs and the source positions of its nodes."""
+
+    output: Node
+    inputs: dict[str, InputModel]  # in order of first use
+    spans: Spans
+    param_spans: dict[tuple[Node, int], ast.Span]  # (op node, argument index) → the argument's span
+    sources: dict[str, ast.Source]
+    output_span: ast.Span
+
+    def reference_model(self) -> InputModel:
+        used = {n.attr("model") for n in walk(self.output) if n.op == "load"}
+        for key, model in self.inputs.items():
+            if key in used:
+                return model
+        return next(iter(self.inputs.values()))
+
+
+class _Poison:
+    """The value of an expression that already produced an error: suppresses follow-on errors."""
+
+
+POISON = _Poison()
+
+
+@dataclass(frozen=True)
+class _ListV:
+    items: tuple[Any, ...]
+
+
+@dataclass
+class _Scope:
+    values: dict[str, Any]
+    parent: "_Scope | None" = None
+
+    def lookup(self, name: str) -> Any:
+        scope = self
+        while scope is not None:
+            if name in scope.values:
+                return scope.values[name]
+            scope = scope.parent
+        raise KeyError(name)
+
+
+@dataclass
+class _Lowerer:
+    reporter: Reporter
+    spans: Spans = field(default_factory=Spans)
+    param_spans: dict = field(default_factory=dict)
+    inputs: dict[str, InputModel] = field(default_factory=dict)
+    defs: dict[str, ast.Def] = field(default_factory=dict)
+    call_stack: list[str] = field(default_factory=list)
+    folder: Path = Path(".")
+    pending_names: dict[str, int] = field(default_factory=dict)  # assigned later in the file
+    globals: _Scope = field(default_factory=lambda: _Scope({}))
+
+    # ---- values -------------------------------------------------------------------------------
+
+    def is_tensor(self, node: Node) -> bool:
+        return any(n.op == "load" for n in walk(node))
+
+    def describe(self, v: Any) -> str:
+        if isinstance(v, Node):
+            return "a tensor" if self.is_tensor(v) else "a number"
+        if isinstance(v, bool):
+            return "a boolean"
+        if isinstance(v, str):
+            return "a string"
+        if isinstance(v, _ListV):
+            return f"a list of {len(v.items)}"
+        if isinstance(v, ast.Def):
+            return "a function"
+        return "a value"
+
+    def error(self, code: str, message: str, span: ast.Span, **kw) -> _Poison:
+        self.reporter.error(code, message, span, **kw)
+        return POISON
+
+    # ---- expressions --------------------------------------------------------------------------
+
+    def expr(self, e: ast.Node, scope: _Scope, bind_as: str | None = None) -> Any:
+        if isinstance(e, ast.Number):
+            return self.spans.add(const(e.value), e.span)
+        if isinstance(e, ast.String):
+            return e.value
+        if isinstance(e, ast.Bool):
+            return e.value
+        if isinstance(e, ast.Name):
+            return self.name(e, scope)
+        if isinstance(e, ast.List):
+            return _ListV(tuple(self.expr(x, scope) for x in e.items))
+        if isinstance(e, ast.Neg):
+            return self.arith("neg", [self.expr(e.operand, scope)], [e.operand.span], e.span)
+        if isinstance(e, ast.BinOp):
+            values = [self.expr(e.left, scope), self.expr(e.right, scope)]
+            return self.arith(_BINOPS[e.op], values, [e.left.span, e.right.span], e.span)
+        if isinstance(e, ast.Call):
+            return self.call(e, scope, bind_as)
+        if isinstance(e, ast.Match):
+            return self.match(e, scope)
+        raise TypeError(f"unexpected AST node {e!r}")
+
+    def name(self, e: ast.Name, scope: _Scope) -> Any:
+        try:
+            return scope.lookup(e.id)
+        except KeyError:
+            pass
+        if e.id in self.defs or e.id in OPS or e.id in BUILTINS:
+            return self.error(TYPE, f"`{e.id}` is a function; call it with arguments", e.span,
+                              label="not a value", help=f"write `{e.id}(...)`")
+        if e.id in self.pending_names:
+            return self.error(UNKNOWN_NAME, f"`{e.id}` is used before it is defined", e.span,
+                              label="used here", notes=(f"`{e.id}` is defined on line {self.pending_names[e.id]}",),
+                              help="move the definition above its first use")
+        known = set(self.defs) | set(OPS) | BUILTINS
+        s = scope
+        while s is not None:
+            known |= set(s.values)
+            s = s.parent
+        return self.error(UNKNOWN_NAME, f"unknown name `{e.id}`", e.span, label="not defined",
+                          help=suggest(e.id, known) or "define it with `NAME = ...` before this line")
+
+    def arith(self, opname: str, values: list, spans: list[ast.Span], span: ast.Span) -> Any:
+        symbol = {"add": "+", "sub": "-", "mul": "*", "div": "/", "neg": "unary -"}[opname]
+        for v, s in zip(values, spans):
+            if v is POISON:
+                return POISON
+            if not isinstance(v, (Node, _ListV)) or isinstance(v, bool):
+                return self.error(TYPE, f"`{symbol}` needs numbers, tensors or lists of them, found {self.describe(v)}",
+                                  s, label=f"this is {self.describe(v)}")
+        lists = [v for v in values if isinstance(v, _ListV)]
+        if lists:
+            n = len(lists[0].items)
+            for v, s in zip(values, spans):
+                if isinstance(v, _ListV) and len(v.items) != n:
+                    return self.error(LIST_LENGTH, f"lists of different lengths in `{symbol}`: {n} and {len(v.items)}",
+                                      s, label=f"a list of {len(v.items)}",
+                                      help="elementwise list arithmetic pairs items one to one")
+            rows = [v.items if isinstance(v, _ListV) else (v,) * n for v in values]
+            return _ListV(tuple(self.arith(opname, list(args), spans, span) for args in zip(*rows)))
+        if opname == "div" and values[1].op == "const" and values[1].attr("value") == 0:
+            return self.error(ARITHMETIC, "division by zero", span, label="divides by 0")
+        return self.spans.add(Node(opname, values), span)
+
+    def match(self, e: ast.Match, scope: _Scope) -> Any:
+        patterns, values = [], []
+        for i, arm in enumerate(e.arms):
+            value = self.expr(arm.value, scope)
+            if value is POISON:
+                return POISON
+            if arm.pattern is None and i != len(e.arms) - 1:
+                self.reporter.warn(TYPE, "arms after `_` are never used", e.arms[i + 1].span, label="unreachable")
+            patterns.append(None if arm.pattern is None else arm.pattern.value)
+            values.append((value, arm.value.span))
+        if not values:
+            return self.error(ARITY, "`match tensor` needs at least one arm", e.span)
+        lists = [v for v, _ in values if isinstance(v, _ListV)]
+        if lists:
+            n = len(lists[0].items)
+            for v, s in values:
+                if not isinstance(v, _ListV) or len(v.items) != n:
+                    return self.error(LIST_LENGTH, f"every arm must be a list of {n} when one is, found {self.describe(v)}",
+                                      s)
+            return _ListV(tuple(self.match_node(patterns, [(v.items[i], s) for v, s in values], e.span)
+                                for i in range(n)))
+        return self.match_node(patterns, values, e.span)
+
+    def match_node(self, patterns: list, values: list, span: ast.Span) -> Any:
+        for v, s in values:
+            if not isinstance(v, Node):
+                return self.error(TYPE, f"a match arm must be a number or a tensor, found {self.describe(v)}", s)
+        return self.spans.add(Node("match", [v for v, _ in values], {"patterns": tuple(patterns)}), span)
+
+    # ---- calls --------------------------------------------------------------------------------
+
+    def call(self, e: ast.Call, scope: _Scope, bind_as: str | None) -> Any:
+        fname = e.func.id
+        local = None
+        try:
+            local = scope.lookup(fname)
+        except KeyError:
+            pass
+        if local is not None and not isinstance(local, ast.Def):
+            return self.error(TYPE, f"`{fname}` is {self.describe(local)}, not a function", e.func.span)
+        args = [self.expr(a, scope) for a in e.args]
+        kwargs = {k.name: (self.expr(k.value, scope), k) for k in e.kwargs}
+        if any(a is POISON for a in args) or any(v is POISON for v, _ in kwargs.values()):
+            return POISON
+        if fname == "model":
+            return self.model(e, args, kwargs, bind_as)
+        if fname == "layers":
+            return self.layers(e, args, kwargs)
+        if fname in self.defs:
+            return self.call_def(self.defs[fname], e, args, kwargs)
+        if fname in OPS:
+            return self.call_op(OPS[fname], e, args, kwargs)
+        self.name(e.func, _Scope({}))
+        return POISON
+
+    def model(self, e: ast.Call, args, kwargs, bind_as: str | None) -> Any:
+        if kwargs:
+            k = next(iter(kwargs.values()))[1]
+            return self.error(KEYWORD, f"`model` takes no keyword `{k.name}`", k.span, help='write `model("PATH")`')
+        if len(args) != 1 or not isinstance(args[0], str):
+            found = f"{len(args)} arguments" if len(args) != 1 else self.describe(args[0])
+            return self.error(ARITY if len(args) != 1 else TYPE,
+                              f"`model` takes one string, the checkpoint folder; found {found}", e.span,
+                              help='write `model("path/to/checkpoint")` (relative to the spec\'s folder)')
+        path_text = args[0]
+        key = bind_as or path_text
+        if key not in self.inputs:
+            self.inputs[key] = InputModel(key, path_text, (self.folder / path_text), e.span)
+        return self.spans.add(Node("load", (), {"model": key}), e.span)
+
+    def layers(self, e: ast.Call, args, kwargs) -> Any:
+        if kwargs:
+            k = next(iter(kwargs.values()))[1]
+            return self.error(KEYWORD, f"`layers` takes no keyword `{k.name}`", k.span)
+        if not args:
+            return self.error(ARITY, "`layers` needs at least one value", e.span,
+                              help="write `layers(v0, v1, ..., vn)`: values at the first and last layer and between")
+        for a, s in zip(args, e.args):
+            if not isinstance(a, Node) or self.is_tensor(a):
+                return self.error(TYPE, f"`layers` values must be numbers, found {self.describe(a)}", s.span)
+        return self.spans.add(Node("layers", args), e.span)
+
+    def call_def(self, d: ast.Def, e: ast.Call, args, kwargs) -> Any:
+        names = [p.name for p in d.params]
+        if len(args) > len(names):
+            return self.error(ARITY, f"`{d.name.id}` takes at most {len(names)} arguments, found {len(args)}",
+                              e.args[len(names)].span, label="extra argument",
+                              notes=(f"`{d.name.id}` is defined at {d.span}",))
+        bound = dict(zip(names, args))
+        for k, (v, kw) in kwargs.items():
+            if k not in names:
+                return self.error(KEYWORD, f"`{d.name.id}` has no parameter `{k}`", kw.span,
+                                  help=suggest(k, names) or f"its parameters are: {', '.join(names)}")
+            if k in bound:
+                return self.error(KEYWORD, f"`{k}` is given twice", kw.span)
+            bound[k] = v
+        if d.name.id in self.call_stack:
+            return self.error(RECURSION, f"`{d.name.id}` calls itself", e.span,
+                              notes=(" → ".join(self.call_stack + [d.name.id]),),
+                              help="merge formulas are expanded inline, so functions cannot recurse")
+        self.call_stack.append(d.name.id)
+        try:
+            for p in d.params:
+                if p.name not in bound:
+                    if p.default is None:
+                        return self.error(ARITY, f"`{d.name.id}` needs argument `{p.name}`", e.span,
+                                          notes=(f"`{d.name.id}` is defined at {d.span}",))
+                    bound[p.name] = self.expr(p.default, self.globals)
+            value = self.expr(d.body, _Scope(bound, self.globals))
+        finally:
+            self.call_stack.pop()
+        if isinstance(value, Node):
+            self.spans.add(value, e.span)
+        return value
+
+    def call_op(self, spec: OpDef, e: ast.Call, args, kwargs) -> Any:
+        # Positional arguments fill the inputs, then the parameters in order.
+        if spec.inputs is None:
+            inputs = list(zip(args, (a.span for a in e.args)))
+            if len(args) == 1 and isinstance(args[0], _ListV):
+                items_ast = e.args[0].items if isinstance(e.args[0], ast.List) else [e.args[0]] * len(args[0].items)
+                inputs = list(zip(args[0].items, (a.span for a in items_ast)))
+            if not inputs:
+                return self.error(ARITY, f"`{spec.name}` needs at least one value", e.span, help=_signature(spec))
+            for v, s in inputs:
+                if not isinstance(v, Node):
+                    return self.error(TYPE, f"`{spec.name}` takes numbers or tensors (or one list of them), "
+                                            f"found {self.describe(v)}", s)
+            positional_params, extra = [], []
+        else:
+            if len(args) < spec.inputs:
+                return self.error(ARITY, f"`{spec.name}` needs {spec.inputs} input{'s' * (spec.inputs > 1)}, "
+                                         f"found {len(args)}", e.span, help=_signature(spec))
+            inputs = list(zip(args[: spec.inputs], (a.span for a in e.args)))
+            positional_params, extra = args[spec.inputs:], e.args[spec.inputs:]
+            if len(positional_params) > len(spec.params):
+                return self.error(ARITY, f"`{spec.name}` takes at most {spec.inputs + len(spec.params)} arguments, "
+                                         f"found {len(args)}", e.args[spec.inputs + len(spec.params)].span,
+                                  label="extra argument", help=_signature(spec))
+        params: dict[str, tuple[Any, ast.Span]] = {
+            p.name: (v, a.span) for p, v, a in zip(spec.params, positional_params, extra)
+        }
+        for k, (v, kw) in kwargs.items():
+            if spec.param(k) is None:
+                names = [p.name for p in spec.params]
+                return self.error(KEYWORD, f"`{spec.name}` has no parameter `{k}`", kw.span,
+                                  help=suggest(k, names) or (f"its parameters are: {', '.join(names)}" if names
+                                                              else f"`{spec.name}` takes no parameters"))
+            if k in params:
+                return self.error(KEYWORD, f"`{k}` is given twice", kw.span)
+            params[k] = (v, kw.value.span)
+        values: list[tuple[Any, ast.Span]] = []
+        for p in spec.params:
+            if p.name in params:
+                values.append(params[p.name])
+            elif p.default is REQUIRED:
+                return self.error(ARITY, f"`{spec.name}` needs parameter `{p.name}`", e.span,
+                                  help=_signature(spec))
+            else:
+                values.append((p.default, e.span))
+        return self.apply_op(spec, inputs, values, e.span)
+
+    def apply_op(self, spec: OpDef, inputs, params, span) -> Any:
+        """Build the op node; lists among fixed-arity inputs and parameters broadcast pairwise."""
+        everything = inputs + params if spec.inputs is not None else params
+        lists = [(v, s) for v, s in everything if isinstance(v, _ListV)]
+        if lists:
+            n = len(lists[0][0].items)
+            for v, s in lists:
+                if len(v.items) != n:
+                    return self.error(LIST_LENGTH, f"`{spec.name}` got lists of different lengths: {n} and "
+                                                   f"{len(v.items)}", s)
+
+            def pick(v, i):
+                return v.items[i] if isinstance(v, _ListV) else v
+
+            return _ListV(tuple(
+                self.apply_op(spec, [(pick(v, i), s) for v, s in inputs] if spec.inputs is not None else inputs,
+                              [(pick(v, i), s) for v, s in params], span)
+                for i in range(n)))
+        for v, s in inputs:
+            if not isinstance(v, Node):
+                return self.error(TYPE, f"`{spec.name}` takes numbers or tensors, found {self.describe(v)}", s)
+            if spec.tensor_inputs and not self.is_tensor(v):
+                return self.error(TYPE, f"`{spec.name}` needs a tensor, found a number", s,
+                                  help="apply it to an expression that involves a model")
+        param_nodes = []
+        for p, (v, s) in zip(spec.params, params):
+            node = self.param_node(spec, p, v, s)
+            if node is POISON:
+                return POISON
+            param_nodes.append((node, s))
+        node = Node(spec.name, [v for v, _ in inputs] + [n for n, _ in param_nodes])
+        for i, (_, s) in enumerate(param_nodes):
+            self.param_spans.setdefault((node, len(inputs) + i), s)
+        return self.spans.add(node, span)
+
+    def param_node(self, spec: OpDef, p, v, s) -> Any:
+        if p.kind == "bool":
+            if not isinstance(v, bool):
+                return self.error(TYPE, f"`{p.name}` of `{spec.name}` must be true or false, found {self.describe(v)}", s)
+            return const(1.0 if v else 0.0)
+        if isinstance(v, bool) or not isinstance(v, Node) and not isinstance(v, (int, float)):
+            return self.error(TYPE, f"`{p.name}` of `{spec.name}` must be a number, found {self.describe(v)}", s)
+        node = v if isinstance(v, Node) else const(v)
+        if self.is_tensor(node):
+            return self.error(TYPE, f"`{p.name}` of `{spec.name}` must be a number, found a tensor", s,
+                              help="parameters are numbers, or per-tensor numbers from `layers(...)` or `match tensor`")
+        return node
+
+
+def _signature(spec: OpDef) -> str:
+    ins = "x1, x2, ..." if spec.inputs is None else ", ".join(f"x{i}" if spec.inputs > 1 else "x"
+                                                                for i in range(1, spec.inputs + 1))
+    params = [p.name if p.default is REQUIRED else f"{p.name}={p.default!r}" for p in spec.params]
+    return f"usage: {spec.name}(" + ", ".join([ins] + params) + ")"
+
+
+def _collect_defs(program: ast.Program, reporter: Reporter, *, stdlib: bool) -> dict[str, ast.Def]:
+    defs: dict[str, ast.Def] = {}
+    for st in program.statements:
+        if isinstance(st, ast.Def):
+            name = st.name.id
+            if name in OPS or name in BUILTINS:
+                reporter.error(REDEFINED, f"`{name}` is a built-in primitive and cannot be redefined",
+                               st.name.span, help="choose another name")
+            elif name in defs:
+                reporter.error(REDEFINED, f"`{name}` is defined twice", st.name.span,
+                               notes=(f"first defined at {defs[name].span}",))
+            else:
+                defs[name] = st
+        elif stdlib:
+            reporter.error(TYPE, "the standard library may only contain `def`s", st.span)
+    return defs
+
+
+def load_stdlib(reporter: Reporter) -> tuple[dict[str, ast.Def], dict[str, ast.Source]]:
+    defs, sources = {}, {}
+    for path in stdlib_files():
+        program = parse_file(path)
+        sources[program.source.name] = program.source
+        defs.update(_collect_defs(program, reporter, stdlib=True))
+    return defs, sources
+
+
+def lower(program: ast.Program, reporter: Reporter | None = None) -> Lowered:
+    """Check and lower a parsed program. Raises MergelangError listing every error found."""
+    reporter = reporter or Reporter()
+    stdlib_defs, sources = load_stdlib(reporter)
+    sources[program.source.name] = program.source
+    lowerer = _Lowerer(reporter, folder=program.source.folder)
+    # A user's def may shadow a stdlib method of the same name.
+    lowerer.defs = {**stdlib_defs, **_collect_defs(program, reporter, stdlib=False)}
+
+    outputs = [st for st in program.statements if isinstance(st, ast.Output)]
+    assigns = [st for st in program.statements if isinstance(st, ast.Assign)]
+    lowerer.pending_names = {st.name.id: st.span.line for st in assigns}
+    globals_ = lowerer.globals
+    output_value: Any = POISON
+    for st in program.statements:
+        if isinstance(st, ast.Assign):
+            name = st.name.id
+            lowerer.pending_names.pop(name, None)
+            if name in globals_.values:
+                reporter.error(REDEFINED, f"`{name}` is assigned twice", st.name.span,
+                               help="each name is bound once; choose a new name")
+                continue
+            if name in OPS or name in BUILTINS or name in lowerer.defs:
+                reporter.error(REDEFINED, f"`{name}` is the name of a function", st.name.span,
+                               help="choose another name")
+                continue
+            value = lowerer.expr(st.value, globals_, bind_as=name)
+            globals_.values[name] = value
+        elif isinstance(st, ast.Output):
+            if st is outputs[0]:
+                output_value = lowerer.expr(st.value, globals_)
+    if not outputs:
+        end = program.source.text.count("\n") or 1
+        reporter.error(OUTPUT_COUNT, "the spec has no `output` statement",
+                       ast.Span(program.source.name, end, 1, end, 1),
+                       help="add a line `output EXPR` naming the merged model")
+    for extra in outputs[1:]:
+        reporter.error(OUTPUT_COUNT, "a spec has exactly one `output`", extra.span, label="second output",
+                       notes=(f"the first is at {outputs[0].span}",))
+    if output_value is not POISON and outputs:
+        if isinstance(output_value, _ListV):
+            reporter.error(TYPE, f"the output must be one tensor, found {lowerer.describe(output_value)}",
+                           outputs[0].value.span, help="combine the list, e.g. with avg(...) or sum(...)")
+        elif not isinstance(output_value, Node) or not lowerer.is_tensor(output_value):
+            reporter.error(TYPE, f"the output must be a tensor, found {lowerer.describe(output_value)}",
+                           outputs[0].value.span, help="the output must involve at least one `model(...)`")
+    reporter.raise_if_errors()
+    return Lowered(output_value, lowerer.inputs, lowerer.spans, lowerer.param_spans, sources, outputs[0].span)
+
+
+def lower_file(path: Path, reporter: Reporter | None = None) -> Lowered:
+    try:
+        program = parse_file(path)
+    except FileNotFoundError:
+        raise MergelangError(_missing_spec(path)) from None
+    return lower(program, reporter)
+
+
+def _missing_spec(path: Path):
+    from .diagnostics import INPUT, Diagnostic
+
+    return Diagnostic(INPUT, f"spec file not found: {path}", help="check the path")
