@@ -1,0 +1,226 @@
+"""Lazy, thread-safe access to a safetensors checkpoint folder (single file or sharded)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from mergelang.io.safetensors_format import DTYPES, CheckpointError, TensorInfo, byte_view, read_header
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+
+
+def _pread_into(fd: int, buf: memoryview, offset: int) -> int:
+    """Fill `buf` from `fd` at `offset`; returns the number of bytes read (less only at end of file)."""
+    done = 0
+    total = len(buf)
+    while done < total:
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [buf[done:]], offset + done)
+        else:
+            chunk = os.pread(fd, total - done, offset + done)
+            got = len(chunk)
+            buf[done : done + got] = chunk
+        if got == 0:
+            break
+        done += got
+    return done
+
+
+def _load_json(path: Path, what: str) -> object:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {what}: {exc.strerror}", path=path) from exc
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{what} is not valid UTF-8 ({exc.reason})", path=path) from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise CheckpointError(f"{what} is not valid JSON: {exc}", path=path) from None
+
+
+class Checkpoint:
+    """A checkpoint folder: tensor locations from the headers, data read on demand with pread."""
+
+    def __init__(
+        self,
+        path: Path,
+        tensors: dict[str, TensorInfo],
+        files: list[Path],
+        config: dict | None = None,
+    ):
+        self.path = Path(path)
+        self.tensors = tensors
+        self.files = files
+        self.config = config
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, folder: Path) -> Checkpoint:
+        """Read the headers of the checkpoint in `folder` (no tensor data is read)."""
+        folder = Path(folder)
+        if not folder.exists():
+            raise CheckpointError("checkpoint folder not found", path=folder)
+        if not folder.is_dir():
+            hint = "; pass the folder that holds it" if folder.suffix == ".safetensors" else ""
+            raise CheckpointError(f"expected a checkpoint folder, found a file{hint}", path=folder)
+
+        if (folder / SINGLE_FILE).is_file():
+            files = [folder / SINGLE_FILE]
+            tensors = read_header(files[0])[0]
+        elif (folder / INDEX_FILE).is_file():
+            files, tensors = _open_index(folder, folder / INDEX_FILE)
+        else:
+            candidates = sorted(p for p in folder.glob("*.safetensors") if p.is_file() and not p.name.startswith("."))
+            if len(candidates) == 1:
+                files = candidates
+                tensors = read_header(files[0])[0]
+            elif candidates:
+                names = ", ".join(p.name for p in candidates[:5]) + (", ..." if len(candidates) > 5 else "")
+                raise CheckpointError(
+                    f"found {len(candidates)} .safetensors files ({names}) but no {INDEX_FILE} "
+                    "saying which tensors each holds",
+                    path=folder,
+                )
+            else:
+                raise CheckpointError(_no_weights_message(folder), path=folder)
+
+        config = None
+        config_path = folder / CONFIG_FILE
+        if config_path.is_file():
+            config = _load_json(config_path, CONFIG_FILE)
+            if not isinstance(config, dict):
+                raise CheckpointError(
+                    f"{CONFIG_FILE} must hold a JSON object, found {type(config).__name__}", path=config_path
+                )
+        return cls(folder, tensors, files, config)
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor `name`, as a new 1-D CPU tensor."""
+        try:
+            info = self.tensors[name]
+        except KeyError:
+            raise KeyError(f"no tensor named {name!r} in checkpoint {self.path}") from None
+        numel = info.numel
+        if stop is None:
+            stop = numel
+        if not (0 <= start <= stop <= numel):
+            raise ValueError(f"range [{start}, {stop}) is out of bounds for tensor {name!r} with {numel} elements")
+        dtype = DTYPES[info.dtype]
+        size = dtype.itemsize
+        nbytes = (stop - start) * size
+        if nbytes == 0:
+            return torch.empty(0, dtype=dtype)
+        offset = info.start + start * size
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        got = _pread_into(self._fd(info.path), byte_view(out), offset)
+        if got != nbytes:
+            raise CheckpointError(
+                f"expected {nbytes} bytes at byte {offset}, but only {got} could be read "
+                "(file truncated or changed since it was opened?)",
+                path=info.path,
+                tensor=name,
+            )
+        return out.view(dtype)
+
+    def _fd(self, path: Path) -> int:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as exc:
+                    raise CheckpointError(f"cannot open file: {exc.strerror}", path=path) from exc
+                self._fds[path] = fd
+            return fd
+
+    def close(self) -> None:
+        """Close the cached file descriptors (a later read reopens them)."""
+        with self._lock:
+            fds = list(self._fds.values())
+            self._fds.clear()
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self.tensors)} tensors, {len(self.files)} files)"
+
+
+def _no_weights_message(folder: Path) -> str:
+    message = f"no safetensors weights found (looked for {SINGLE_FILE}, {INDEX_FILE} and *.safetensors)"
+    bins = sorted(p.name for p in folder.glob("*.bin") if p.is_file())
+    if bins:
+        shown = ", ".join(bins[:3]) + (", ..." if len(bins) > 3 else "")
+        message += f"; found {shown}: .bin checkpoints are not supported yet; convert to safetensors"
+    return message
+
+
+def _open_index(folder: Path, index_path: Path) -> tuple[list[Path], dict[str, TensorInfo]]:
+    index = _load_json(index_path, INDEX_FILE)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        found = "no weight_map" if isinstance(index, dict) else f"a JSON {type(index).__name__}"
+        raise CheckpointError(f"expected an object with a weight_map object, found {found}", path=index_path)
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(
+                f"weight_map must map tensor names to shard file names, found {shard!r} for {name!r}",
+                path=index_path,
+            )
+        if Path(shard).is_absolute() or ".." in Path(shard).parts:
+            raise CheckpointError(
+                f"weight_map names shard {shard!r} outside the checkpoint folder (for tensor {name!r})",
+                path=index_path,
+            )
+
+    files = [folder / shard for shard in sorted(set(weight_map.values()))]
+    for file in files:
+        if not file.is_file():
+            mapped = [n for n, s in weight_map.items() if folder / s == file]
+            raise CheckpointError(
+                f"weight_map names shard {file.name!r} (for {len(mapped)} tensors, e.g. {mapped[0]!r}) "
+                "but that file does not exist",
+                path=index_path,
+            )
+
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        for name, info in read_header(file)[0].items():
+            if name in tensors:
+                raise CheckpointError(
+                    f"present in two shards: {tensors[name].path.name} and {file.name}", path=file, tensor=name
+                )
+            tensors[name] = info
+    for name, shard in weight_map.items():
+        info = tensors.get(name)
+        if info is None or info.path != folder / shard:
+            where = f"it is in {info.path.name}" if info is not None else "no shard has it"
+            raise CheckpointError(
+                f"{INDEX_FILE} maps this tensor to {shard}, which does not contain it ({where})",
+                path=folder / shard,
+                tensor=name,
+            )
+    return files, tensors

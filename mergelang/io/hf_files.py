@@ -1,0 +1,57 @@
+"""The non-weight files of a Hugging Face model folder: config, generation config, tokenizer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from mergelang.io.safetensors_format import CheckpointError
+
+MODEL_FILES: tuple[str, ...] = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def copy_model_files(src: Path, dst: Path, *, dtype_name: str | None = None) -> list[str]:
+    """Copy the files of MODEL_FILES that exist in `src` to `dst`; returns the names copied.
+
+    With `dtype_name` (e.g. "bfloat16"), the copied config.json records it as `torch_dtype`
+    (and as `dtype` where that key is present).
+    """
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in MODEL_FILES:
+        source = src / name
+        if not source.is_file():
+            continue
+        if name == "config.json" and dtype_name is not None:
+            _write_config_with_dtype(source, dst / name, dtype_name)
+        else:
+            shutil.copyfile(source, dst / name)
+        copied.append(name)
+    return copied
+
+
+def _write_config_with_dtype(source: Path, dest: Path, dtype_name: str) -> None:
+    try:
+        config = json.loads(source.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"config.json is not valid JSON: {exc}", path=source) from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"config.json must hold a JSON object, found {type(config).__name__}", path=source)
+    config["torch_dtype"] = dtype_name
+    if "dtype" in config:
+        config["dtype"] = dtype_name
+    dest.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
