@@ -184,7 +184,7 @@ def _plan_tensors(plan: Plan, out_dtype: str | None, reporter: Reporter) -> None
         value = node.args[index].attr("value")
         where = "" if len(tensors) == len(ref.tensors) else f" (for {_examples(tensors)})"
         reporter.error(RANGE, f"`{param.name}` of `{spec.name}` {message}, got {value:g}{where}",
-                       lowered.param_spans.get((node, index)) or spans.first(node), label="out of range")
+                       spans.arg(node, index) or spans.first(node), label="out of range")
     _warn_unused(plan, used_models, reporter)
 
 
@@ -217,7 +217,7 @@ def _infer(graph: Node, tensor: str, plan: Plan, missing, shapes, dtypes, used: 
                 continue
             distinct = list(dict.fromkeys(found))
             if len(distinct) > 1:
-                shapes.add((n, list(distinct[0]), list(distinct[1])), tensor)
+                shapes.add((n, list(distinct[0]).__repr__(), list(distinct[1]).__repr__()), tensor)
                 shape_of[n], bad = _BAD, True
             else:
                 shape_of[n] = distinct[0] if distinct else None

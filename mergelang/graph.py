@@ -142,6 +142,13 @@ class Spans:
 
     def __init__(self):
         self._spans: dict[Node, list[Span]] = defaultdict(list)
+        self._args: dict[tuple[Node, int], Span] = {}  # where an op's argument was written
+
+    def add_arg(self, node: Node, index: int, span: Span) -> None:
+        self._args.setdefault((node, index), span)
+
+    def arg(self, node: Node, index: int) -> Span | None:
+        return self._args.get((node, index))
 
     def add(self, node: Node, span: Span | None) -> Node:
         if span is not None and span not in self._spans[node]:
@@ -160,6 +167,10 @@ class Spans:
         if old is not new:
             for s in self._spans.get(old, ()):
                 self.add(new, s)
+            if old.op == new.op and len(old.args) == len(new.args):
+                for i in range(len(old.args)):
+                    if (old, i) in self._args:
+                        self.add_arg(new, i, self._args[(old, i)])
 
 
 def _fmt_attr(v: Any) -> str:

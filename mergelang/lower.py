@@ -40,7 +40,6 @@ class Lowered:
     output: Node
     inputs: dict[str, InputModel]  # in order of first use
     spans: Spans
-    param_spans: dict[tuple[Node, int], ast.Span]  # (op node, argument index) → the argument's span
     sources: dict[str, ast.Source]
     output_span: ast.Span
 
@@ -82,7 +81,6 @@ class _Scope:
 class _Lowerer:
     reporter: Reporter
     spans: Spans = field(default_factory=Spans)
-    param_spans: dict = field(default_factory=dict)
     inputs: dict[str, InputModel] = field(default_factory=dict)
     defs: dict[str, ast.Def] = field(default_factory=dict)
     call_stack: list[str] = field(default_factory=list)
@@ -372,7 +370,7 @@ class _Lowerer:
             param_nodes.append((node, s))
         node = Node(spec.name, [v for v, _ in inputs] + [n for n, _ in param_nodes])
         for i, (_, s) in enumerate(param_nodes):
-            self.param_spans.setdefault((node, len(inputs) + i), s)
+            self.spans.add_arg(node, len(inputs) + i, s)
         return self.spans.add(node, span)
 
     def param_node(self, spec: OpDef, p, v, s) -> Any:
@@ -470,7 +468,7 @@ def lower(program: ast.Program, reporter: Reporter | None = None) -> Lowered:
             reporter.error(TYPE, f"the output must be a tensor, found {lowerer.describe(output_value)}",
                            outputs[0].value.span, help="the output must involve at least one `model(...)`")
     reporter.raise_if_errors()
-    return Lowered(output_value, lowerer.inputs, lowerer.spans, lowerer.param_spans, sources, outputs[0].span)
+    return Lowered(output_value, lowerer.inputs, lowerer.spans, sources, outputs[0].span)
 
 
 def lower_file(path: Path, reporter: Reporter | None = None) -> Lowered:

@@ -1,0 +1,25 @@
+"""Shared fixtures: tiny checkpoint families made on the fly (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mergelang.demo import make_tiny_llama
+
+
+def write_spec(folder: Path, text: str, name: str = "spec.ml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory) -> Path:
+    """A folder with base/, ft0/, ft1/ (tiny bf16 Llamas; the fine-tunes are base + N(0, 0.005))."""
+    root = tmp_path_factory.mktemp("family")
+    make_tiny_llama(root / "base", seed=0)
+    make_tiny_llama(root / "ft0", seed=1, base=root / "base")
+    make_tiny_llama(root / "ft1", seed=2, base=root / "base")
+    return root
