@@ -50,7 +50,7 @@ def evaluate_chunk(tp: TensorPlan, read: Callable[[str, int, int], torch.Tensor]
             n_in = len(args) - len(spec.params)
             params = {p.name: p.convert(v) for p, v in zip(spec.params, args[n_in:])}
             if spec.random:
-                ctx.key = derive_key(options.seed, tp.name, node.digest)
+                ctx.key = derive_key(options.seed, tp.name, bytes.fromhex(node.attr("key")))
             values[i] = spec.kernel(ctx, *args[:n_in], **params)
         for j in step.free:
             del values[j]

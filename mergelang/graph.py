@@ -84,6 +84,15 @@ def _freeze(value: Any) -> Any:
     return (type(value).__name__, value)
 
 
+def with_random_key(node: Node) -> Node:
+    """The node with its random-stream key fixed to the digest of its structure *as written*.
+
+    Random ops draw from a stream keyed by this attribute, so passes that rewrite the op's inputs
+    (folding, simplification, per-tensor specialization) cannot change its mask.
+    """
+    return Node(node.op, node.args, {**dict(node.attrs), "key": node.digest.hex()[:32]})
+
+
 def const(value: float) -> Node:
     return Node("const", (), {"value": float(value)})
 
@@ -200,7 +209,7 @@ def _label(n: Node, ids: dict["Node", str]) -> str:
     parts = [ids[a] for a in n.args[:n_in]]
     if spec:
         parts += [f"{p.name}={ids[a]}" for p, a in zip(spec.params, n.args[n_in:])]
-    parts += [f"{k}={_fmt_attr(v)}" for k, v in n.attrs]
+    parts += [f"{k}={_fmt_attr(v)}" for k, v in n.attrs if k != "key"]  # the random key is noise to a reader
     return " ".join([n.op] + parts)
 
 

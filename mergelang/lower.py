@@ -16,7 +16,7 @@ from .diagnostics import (
     ARITHMETIC, ARITY, KEYWORD, LIST_LENGTH, OUTPUT_COUNT, RECURSION, REDEFINED, TYPE, UNKNOWN_NAME,
     MergelangError, Reporter, suggest,
 )
-from .graph import Node, Spans, const, walk
+from .graph import Node, Spans, const, walk, with_random_key
 from .ops import OPS, REQUIRED, OpDef
 from .parse import parse_file
 from .resources import stdlib_files
@@ -369,6 +369,8 @@ class _Lowerer:
                 return POISON
             param_nodes.append((node, s))
         node = Node(spec.name, [v for v, _ in inputs] + [n for n, _ in param_nodes])
+        if spec.random:
+            node = with_random_key(node)
         for i, (_, s) in enumerate(param_nodes):
             self.spans.add_arg(node, len(inputs) + i, s)
         return self.spans.add(node, span)

@@ -61,7 +61,7 @@ def _simplify_rule(node: Node) -> Node | None:
         return a[0].args[0]
     if node.op in ("avg", "sum") and len(a) == 1:
         return a[0]
-    if node.op == "dare" and _is(a[1], 0.0):
+    if node.op == "dare" and _is(a[1], 0.0):  # keeps every entry, unscaled
         return a[0]
     return None
 

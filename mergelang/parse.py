@@ -16,16 +16,6 @@ from .resources import grammar_path
 _OPEN = {"LPAR", "LSQB", "LBRACE"}
 _CLOSE = {"RPAR", "RSQB", "RBRACE"}
 
-# How the grammar's terminals read in an error message.
-_TERMINAL_NAMES = {
-    "NAME": "a name", "NUMBER": "a number", "STRING": "a string", "_NL": "end of line",
-    "LPAR": "`(`", "RPAR": "`)`", "LSQB": "`[`", "RSQB": "`]`", "LBRACE": "`{`", "RBRACE": "`}`",
-    "COMMA": "`,`", "EQUAL": "`=`", "PLUS": "`+`", "MINUS": "`-`", "STAR": "`*`", "SLASH": "`/`",
-    "OUTPUT": "`output`", "DEF": "`def`", "MATCH": "`match`", "TENSOR": "`tensor`",
-    "TRUE": "`true`", "FALSE": "`false`", "UNDERSCORE": "`_`", "$END": "end of file",
-}
-
-
 # A line ending in one of these continues on the next line.
 _CONTINUES = {"EQUAL", "PLUS", "MINUS", "STAR", "SLASH", "COMMA"}
 
@@ -69,15 +59,12 @@ def parse(text: str, name: str = "<spec>", folder: Path | None = None) -> ast.Pr
     try:
         tree = _parser().parse(text)
     except UnexpectedInput as e:
-        raise MergelangError(_syntax_diagnostic(e, source)) from None
+        raise MergelangError(_syntax_diagnostic(e, source, text)) from None
     try:
         statements = _ToAst(name).transform(tree)
     except VisitError as e:
-        if isinstance(e.orig_exc, _PositionalAfterKeyword):
-            raise MergelangError(
-                Diagnostic(SYNTAX, "syntax error: positional argument after a keyword argument", e.orig_exc.span,
-                           label="positional argument", help="put positional arguments before `name=value` ones")
-            ) from None
+        if isinstance(e.orig_exc, _Problem):
+            raise MergelangError(e.orig_exc.diagnostic) from None
         raise
     return ast.Program(statements=tuple(statements), source=source)
 
@@ -86,40 +73,218 @@ def parse_file(path: Path) -> ast.Program:
     return parse(path.read_text(encoding="utf-8"), name=str(path), folder=path.resolve().parent)
 
 
-def _expected(e: UnexpectedInput) -> str:
-    names = sorted({_TERMINAL_NAMES.get(t, f"`{t.lower()}`") for t in (getattr(e, "expected", None) or ())})
-    if len(names) > 6:
-        return ", ".join(names[:6]) + ", ..."
-    return ", ".join(names)
+# What a syntax error message calls the terminals that are not fixed strings.
+_TERMINAL_NAMES = {"NAME": "a name", "NUMBER": "a number", "STRING": "a string",
+                   "_NL": "the end of the line", "$END": "the end of the file"}
+# The order in which a message lists what was expected.
+_ORDER = ("COMMA", "RPAR", "RSQB", "RBRACE", "EQUAL", "__ANON_0", "LPAR", "LSQB", "LBRACE", "TENSOR",
+          "NAME", "NUMBER", "STRING", "_NL", "$END")
+_EXPRESSION_START = {"NAME", "NUMBER", "STRING", "LPAR", "LSQB", "MINUS", "TRUE", "FALSE", "MATCH"}
+_BINARY = {"PLUS", "MINUS", "STAR", "SLASH"}
+_STATEMENT_START = {"NAME", "OUTPUT", "DEF"}
+_PAIRS = {"LPAR": ("(", ")"), "LSQB": ("[", "]"), "LBRACE": ("{", "}")}
+_CLOSER = {"RPAR": "LPAR", "RSQB": "LSQB", "RBRACE": "LBRACE"}
 
 
-def _syntax_diagnostic(e: UnexpectedInput, source: ast.Source) -> Diagnostic:
+def _describe_terminal(name: str) -> str:
+    if name in _TERMINAL_NAMES:
+        return _TERMINAL_NAMES[name]
+    try:
+        return f"`{_parser().get_terminal(name).pattern.value}`"
+    except KeyError:
+        return f"`{name.lower()}`"
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
+
+
+def _expected(accepts: set[str]) -> str:
+    """What the parser would have accepted, in words: "an operator, `,` or `)`"."""
+    rest = set(accepts)
+    if _STATEMENT_START <= rest:
+        return "a statement (`NAME = ...`, `output ...` or `def ...`)"
+    words = []
+    if {"NAME", "NUMBER", "STRING"} <= rest:
+        words.append("an expression")
+        rest -= _EXPRESSION_START
+    if _BINARY <= rest:
+        # After a complete operand; `(` and `=` would only make a name into a call or keyword.
+        words.append("an operator")
+        rest -= _BINARY | {"LPAR", "EQUAL"}
+    if {"STRING", "UNDERSCORE"} <= rest:
+        words.append('another arm (`"PATTERN" => ...` or `_ => ...`)')
+        rest -= {"STRING", "UNDERSCORE"}
+    rank = {name: i for i, name in enumerate(_ORDER)}
+    words += [_describe_terminal(t) for t in sorted(rest, key=lambda t: (rank.get(t, len(rank)), t))]
+    return _join(words) if words else ""
+
+
+def _accepts(e: UnexpectedInput) -> set[str]:
+    parser = getattr(e, "interactive_parser", None)
+    if parser is not None:
+        try:
+            return set(parser.accepts())
+        except Exception:  # noqa: BLE001 - fall back to what the exception lists
+            pass
+    return set(getattr(e, "expected", None) or getattr(e, "allowed", None) or ())
+
+
+def _statement_before(text: str, line: int, col: int) -> list[Token]:
+    """The tokens of the statement that is being parsed at (line, col), up to that point."""
+    found: list[Token] = []
+    try:
+        for tok in _parser().lex(text):
+            if (tok.line, tok.column) >= (line, col):
+                break
+            if tok.type == "_NL":  # a newline that the post-lexer kept ends a statement
+                found = []
+            else:
+                found.append(tok)
+    except UnexpectedInput:
+        pass
+    return found
+
+
+def _open_brackets(tokens: list[Token]) -> list[Token]:
+    stack: list[Token] = []
+    for tok in tokens:
+        if tok.type in _PAIRS:
+            stack.append(tok)
+        elif tok.type in _CLOSER and stack and stack[-1].type == _CLOSER[tok.type]:
+            stack.pop()
+    return stack
+
+
+def _syntax_diagnostic(e: UnexpectedInput, source: ast.Source, text: str) -> Diagnostic:
+    file = source.name
     line, col = max(1, e.line), max(1, e.column)
+    token = getattr(e, "token", None)
+    at_end = isinstance(e, UnexpectedEOF) or (token is not None and token.type == "$END")
+    if at_end:
+        line, col = 1 << 30, 0
+    before = _statement_before(text, line, col)
+    still_open = _open_brackets(before)
+    expected = _expected(_accepts(e))
+    notes: tuple[str, ...] = ()
+    help_ = None
+
+    if at_end and still_open:
+        opener = still_open[-1]
+        close = _PAIRS[opener.type][1]
+        return Diagnostic(SYNTAX, f"syntax error: unclosed `{opener.value}`: expected `{close}`, found the end of the file",
+                          _token_span(file, opener), label="opened here", help=f"add the missing `{close}`")
+    if at_end or (token is not None and token.type == "_NL"):
+        # Nothing to point at: point just past the last token.
+        found = "the end of the file" if at_end else "the end of the line"
+        if before:
+            last = before[-1]
+            span = ast.Span(file, last.end_line, last.end_column, last.end_line, last.end_column + 1)
+        else:
+            span = ast.Span(file, 1, 1, 1, 2)
+        return Diagnostic(SYNTAX, f"syntax error: expected {expected}, found {found}", span,
+                          label=f"expected {expected}" if len(expected) < 40 else "")
+
     if isinstance(e, UnexpectedCharacters):
-        found = f"character `{source.line(line)[col - 1:col]}`"
-        width = 1
-    elif isinstance(e, UnexpectedToken) and e.token.type != "$END":
-        tok = e.token
-        found = "end of line" if tok.type == "_NL" else f"`{tok.value}`"
-        width = 1 if tok.type == "_NL" else len(str(tok.value).splitlines()[0] or " ")
+        char = source.line(line)[col - 1:col]
+        if char == '"':
+            end = len(source.line(line)) + 1
+            return Diagnostic(SYNTAX, 'syntax error: unterminated string: expected a closing `"` on the same line',
+                              ast.Span(file, line, col, line, end), label="this string is never closed",
+                              help='a string ends on the line where it starts: add the closing `"`')
+        found, span = f"`{char}`", ast.Span(file, line, col, line, col + 1)
+        label = "unexpected character"
+        if char == "'":
+            help_ = 'strings are written in double quotes: "..."'
+        elif char == "\\":
+            help_ = "a `\\` continues a statement only as the last character of a line"
     else:
-        found = "end of file"
-        last = source.text.rstrip("\n").splitlines() or [""]
-        line, col, width = len(last), len(last[-1]) + 1, 1
-    expected = _expected(e)
-    if isinstance(e, (UnexpectedToken, UnexpectedEOF)) and e.__class__ is UnexpectedToken and e.token.type == "_NL":
-        # A newline where the expression was not finished: point just past its last character.
-        text = source.line(line)
-        col, width = len(text.rstrip()) + 1, 1
-    span = ast.Span(source.name, line, col, line, col + width)
-    message = f"syntax error: unexpected {found}"
-    help_ = f"expected {expected}" if expected else None
-    return Diagnostic(SYNTAX, message, span, label="unexpected here", help=help_)
+        found = f"`{token.value}`"
+        span = _token_span(file, token)
+        span = ast.Span(file, span.line, span.col, span.line,
+                        span.end_col if span.end_line == span.line else span.col + 1)
+        label = "unexpected here"
+        if token.type in _CLOSER:
+            if not still_open:
+                help_ = f"this `{token.value}` has no matching `{_PAIRS[_CLOSER[token.type]][0]}`"
+            elif still_open[-1].type != _CLOSER[token.type]:
+                opener = still_open[-1]
+                help_ = (f"the `{opener.value}` at {_token_span(file, opener)} is closed by "
+                         f"`{_PAIRS[opener.type][1]}`, not `{token.value}`")
+        elif "$END" in _accepts(e) and _BINARY & {token.type} and before and before[-1].end_line < token.line:
+            help_ = "to continue a statement on the next line, end the line with the operator"
+    previous = before[-1] if before else None
+    joins, depth = [], 0
+    for a, b in zip(before, before[1:] + [None]):
+        depth += (a.type in _OPEN) - (a.type in _CLOSE)
+        if depth == 0 and a.type in _CONTINUES and (b.line if b is not None else line) > a.end_line:
+            joins.append(a)
+    if joins and not still_open:
+        notes = (f"line {joins[-1].end_line} ends with `{joins[-1].value}`, so the statement goes on to the next line",)
+    if help_ is None and still_open and still_open[-1].line < line:
+        opener = still_open[-1]
+        close = _PAIRS[opener.type][1]
+        if previous is not None and previous.end_line < line:
+            help_ = f"is a `{close}` missing at the end of line {previous.end_line}?"
+        notes = (f"the `{opener.value}` at {_token_span(file, opener)} is still open",)
+    return Diagnostic(SYNTAX, f"syntax error: expected {expected}, found {found}", span, label=label,
+                      notes=notes, help=help_)
 
 
-class _PositionalAfterKeyword(Exception):
-    def __init__(self, span: ast.Span):
-        self.span = span
+class _Problem(Exception):
+    """A syntax error found while building the AST."""
+
+    def __init__(self, diagnostic: Diagnostic):
+        self.diagnostic = diagnostic
+
+
+# Words of the grammar that the contextual lexer would otherwise accept as names in some places.
+_KEYWORDS = {"output", "def", "match", "true", "false"}
+
+
+def _check_name(file: str, tok: Token) -> Token:
+    if str(tok) in _KEYWORDS:
+        raise _Problem(Diagnostic(SYNTAX, f"syntax error: expected a name, found the keyword `{tok}`",
+                                  _token_span(file, tok), label="a keyword", help="choose another name"))
+    return tok
+
+
+_SIMPLE_ESCAPES = set("\\\"'abfnrtv01234567\n")
+_HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
+
+
+def _string_value(file: str, tok: Token) -> str:
+    """The value of a STRING token, with Python's escapes; an unknown escape is an error, not a warning."""
+    body = str(tok)
+    i = body.find("\\")
+    while i != -1:
+        kind = body[i + 1]
+        ok = kind in _SIMPLE_ESCAPES
+        length = 2
+        if kind in _HEX_ESCAPES:
+            want = _HEX_ESCAPES[kind]
+            digits = 0
+            while digits < want and body[i + 2 + digits] in "0123456789abcdefABCDEF":
+                digits += 1
+            length += digits
+            ok = digits == want
+        elif kind == "N":
+            close = body.find("}", i)
+            ok = body[i + 2:i + 3] == "{" and close != -1
+            length = (close + 1 - i) if ok else 2
+        if ok:
+            try:
+                pyast.literal_eval('"' + body[i:i + length] + '"')
+            except (SyntaxError, ValueError):
+                ok = False
+        if not ok:
+            col = tok.column + i
+            raise _Problem(Diagnostic(
+                SYNTAX, f"syntax error: expected an escape such as `\\\\`, `\\\"` or `\\n` in a string, "
+                        f"found `{body[i:i + length]}`", ast.Span(file, tok.line, col, tok.line, col + length),
+                label="unknown escape", help="write `\\\\` for a backslash, or use `/` in paths"))
+        i = body.find("\\", i + length)
+    return pyast.literal_eval(body)
 
 
 def _span(file: str, meta) -> ast.Span:
@@ -144,6 +309,7 @@ class _ToAst(Transformer):
 
     def assign(self, meta, c):
         name, value = c
+        _check_name(self.file, name)
         return ast.Assign(ast.Name(str(name), _token_span(self.file, name)), value, self._s(meta))
 
     def output(self, meta, c):
@@ -151,13 +317,16 @@ class _ToAst(Transformer):
 
     def def_(self, meta, c):
         name, *params, body = c
+        _check_name(self.file, name)
         params = tuple(p for p in params if p is not None)
         return ast.Def(ast.Name(str(name), _token_span(self.file, name)), params, body, self._s(meta))
 
     def param_required(self, meta, c):
+        _check_name(self.file, c[0])
         return ast.Param(str(c[0]), None, self._s(meta))
 
     def param_default(self, meta, c):
+        _check_name(self.file, c[0])
         return ast.Param(str(c[0]), c[1], self._s(meta))
 
     def _binop(op):  # noqa: N805 - helper used at class-definition time
@@ -177,7 +346,7 @@ class _ToAst(Transformer):
         return ast.Number(value, self._s(meta))
 
     def string(self, meta, c):
-        return ast.String(pyast.literal_eval(str(c[0])), self._s(meta))
+        return ast.String(_string_value(self.file, c[0]), self._s(meta))
 
     def true(self, meta, c):
         return ast.Bool(True, self._s(meta))
@@ -186,20 +355,25 @@ class _ToAst(Transformer):
         return ast.Bool(False, self._s(meta))
 
     def name(self, meta, c):
+        _check_name(self.file, c[0])
         return ast.Name(str(c[0]), self._s(meta))
 
     def kwarg(self, meta, c):
+        _check_name(self.file, c[0])
         return ast.Keyword(str(c[0]), c[1], self._s(meta))
 
     def call(self, meta, c):
         func, *args = c
+        _check_name(self.file, func)
         args = [a for a in args if a is not None]
         seen_keyword = False
         for a in args:
             if isinstance(a, ast.Keyword):
                 seen_keyword = True
             elif seen_keyword:
-                raise _PositionalAfterKeyword(a.span)
+                raise _Problem(Diagnostic(
+                    SYNTAX, "syntax error: expected `name=value` after a keyword argument, found a positional argument",
+                    a.span, label="positional argument", help="put positional arguments before `name=value` ones"))
         positional = tuple(a for a in args if not isinstance(a, ast.Keyword))
         keywords = tuple(a for a in args if isinstance(a, ast.Keyword))
         return ast.Call(ast.Name(str(func), _token_span(self.file, func)), positional, keywords, self._s(meta))
@@ -212,7 +386,7 @@ class _ToAst(Transformer):
 
     def pattern_arm(self, meta, c):
         tok, value = c
-        pattern = ast.String(pyast.literal_eval(str(tok)), _token_span(self.file, tok))
+        pattern = ast.String(_string_value(self.file, tok), _token_span(self.file, tok))
         return ast.MatchArm(pattern, value, self._s(meta))
 
     def default_arm(self, meta, c):

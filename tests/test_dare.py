@@ -10,14 +10,14 @@ import torch
 from mergelang import rng
 from mergelang.check import TensorPlan
 from mergelang.execute import ExecOptions, evaluate_chunk
-from mergelang.graph import Node, const
+from mergelang.graph import Node, const, with_random_key
 from mergelang.ops import OPS, KernelContext
 
 X = torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.0, -4.0]])
 
 
 def dare_node(p: float, seed: int = 0) -> Node:
-    return Node("dare", [Node("load", (), {"model": "x"}), const(p), const(seed)])
+    return with_random_key(Node("dare", [Node("load", (), {"model": "x"}), const(p), const(seed)]))
 
 
 def run_dare(x: torch.Tensor, p: float, *, seed: int = 0, run_seed: int = 0, chunk: int = 1 << 20,
@@ -56,7 +56,7 @@ def test_mask_matches_an_independent_reference():
     p, run_seed, name = 0.3, 11, "model.layers.1.self_attn.q_proj.weight"
     x = torch.arange(1, 201, dtype=torch.float32).view(10, 20)
     out = run_dare(x, p, run_seed=run_seed, name=name)
-    key = rng.derive_key(run_seed, name, dare_node(p).digest)
+    key = rng.derive_key(run_seed, name, bytes.fromhex(dare_node(p).attr("key")))
     limit = int((1 - p) * 2**53)
     expected = [v / (1 - p) if rng.reference_draw(key, i) < limit else 0.0
                 for i, v in enumerate(x.view(-1).tolist())]

@@ -63,11 +63,13 @@ def test_card_formula_matches_independent_computation(family, tmp_path):
     merged, b, f0, f1 = (weights(p) for p in (out, family / "base", family / "ft0", family / "ft1"))
     assert list(merged) == list(b)  # input order kept
     load = {k: Node("load", (), {"model": k}) for k in ("base", "ft0", "ft1")}
-    nodes = [Node("dare", [Node("sub", [load[ft], load["base"]]), const(0.9), const(0)]) for ft in ("ft0", "ft1")]
+    # The mask key is the digest of each dare(...) node as written (see graph.with_random_key).
+    keys = [Node("dare", [Node("sub", [load[ft], load["base"]]), const(0.9), const(0)]).digest[:16]
+            for ft in ("ft0", "ft1")]
     for name in b:
         base = b[name].float()
-        d0 = reference_dare(f0[name].float() - base, 0.9, rng.derive_key(7, name, nodes[0].digest))
-        d1 = reference_dare(f1[name].float() - base, 0.9, rng.derive_key(7, name, nodes[1].digest))
+        d0 = reference_dare(f0[name].float() - base, 0.9, rng.derive_key(7, name, keys[0]))
+        d1 = reference_dare(f1[name].float() - base, 0.9, rng.derive_key(7, name, keys[1]))
         expected = (base + (d0 + d1) / 2).to(torch.bfloat16)
         assert merged[name].dtype == torch.bfloat16
         assert torch.equal(merged[name], expected), name
