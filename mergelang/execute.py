@@ -1,24 +1,30 @@
-"""The streaming executor: every output tensor is computed in chunks of its flattened elements
-and written into place, so memory holds a few chunks, never a whole model (nor a whole tensor).
+"""The streaming executor.
 
-All current ops are elementwise, so element i of the output depends only on element i of the
-inputs (and on i itself, for random ops): a chunk reads the same range of every input.
+An output tensor is computed in chunks of whole rows (dim 0) and written into place, so memory
+holds a few chunks, never a whole model. A chunk evaluates the tensor's *elementwise region*:
+the elementwise ops reachable from the root without crossing a reduce or tensor op. Those ops
+are leaves of the region, evaluated first (a reduction streams its own input region chunk by
+chunk; a tensor op materializes its inputs) and cached for the tensor.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from .check import Plan, TensorPlan
 from .io import DTYPES, ShardedWriter
+from .graph import Node
 from .ops import OPS, KernelContext
 from .rng import derive_key
-from .schedule import schedule
+from .schedule import is_leaf, region
 
 DEFAULT_CHUNK = 1 << 20  # elements
+
+Reader = Callable[[str, int, int], torch.Tensor]  # (model, first row, end row) → float chunk
 
 
 @dataclass
@@ -28,54 +34,119 @@ class ExecOptions:
     chunk: int = DEFAULT_CHUNK
 
 
-def evaluate_chunk(tp: TensorPlan, read: Callable[[str, int, int], torch.Tensor], start: int, stop: int,
-                   options: ExecOptions) -> torch.Tensor:
-    """Elements [start, stop) of the flattened output tensor, in float32 on options.device.
+class TensorEvaluator:
+    """Evaluates one planned tensor: chunks of rows, with its reductions and tensor ops cached."""
 
-    `read(model, start, stop)` returns those elements of this tensor in `model` as float32.
-    """
-    device = torch.device(options.device)
-    steps = schedule(tp.graph)
-    values: dict[int, object] = {}
-    ctx = KernelContext(tensor=tp.name, start=start, seed=options.seed, device=device)
-    for i, step in enumerate(steps):
-        node = step.node
-        if node.op == "const":
-            values[i] = node.attr("value")
-        elif node.op == "load":
-            values[i] = read(node.attr("model"), start, stop)
+    def __init__(self, tp: TensorPlan, read: Reader, options: ExecOptions):
+        self.tp, self.read, self.options = tp, read, options
+        self.device = torch.device(options.device)
+        self.shape = tp.shape if tp.shape else (1,)  # a 0-d tensor is evaluated as one row of one
+        self.rows = self.shape[0]
+        self.row_size = math.prod(self.shape[1:])
+        self.cache: dict[Node, torch.Tensor] = {}
+
+    def chunks(self) -> Iterator[tuple[int, int]]:
+        step = max(1, self.options.chunk // max(1, self.row_size))
+        for r0 in range(0, self.rows, step):
+            yield r0, min(self.rows, r0 + step)
+
+    def context(self, r0: int) -> KernelContext:
+        return KernelContext(tensor=self.tp.name, start=r0 * self.row_size, seed=self.options.seed,
+                             device=self.device)
+
+    def rows_of(self, node: Node, r0: int, r1: int):
+        """Rows [r0, r1) of the value of node (computing it, or slicing a cached statistic)."""
+        steps = region(node)
+        values: dict[int, object] = {}
+        ctx = self.context(r0)
+        for i, step in enumerate(steps):
+            n = step.node
+            if n.op == "const":
+                values[i] = n.attr("value")
+            elif n.op == "load":
+                values[i] = self.read(n.attr("model"), r0, r1)
+            elif is_leaf(n):
+                full = self.full(n)
+                values[i] = full if full.dim() == 0 else full[r0:r1]
+            else:
+                values[i] = self.apply(n, [values[j] for j in step.inputs], ctx)
+            for j in step.free:
+                del values[j]
+        return values[len(steps) - 1]
+
+    def apply(self, node: Node, args: list, ctx: KernelContext):
+        spec = OPS[node.op]
+        n_in = len(args) - len(spec.params)
+        params = {p.name: p.convert(v) for p, v in zip(spec.params, args[n_in:])}
+        if spec.random:
+            ctx.key = derive_key(self.options.seed, self.tp.name, bytes.fromhex(node.attr("key")))
+        return spec.kernel(ctx, *args[:n_in], **params)
+
+    def full(self, node: Node) -> torch.Tensor:
+        """The whole value of a reduce or tensor node (cached for this tensor)."""
+        if node in self.cache:
+            return self.cache[node]
+        spec = OPS[node.op]
+        n_in = len(node.args) - len(spec.params)
+        params = {p.name: p.convert(a.attr("value")) for p, a in zip(spec.params, node.args[n_in:])}
+        inputs = node.args[:n_in]
+        if spec.kind == "reduce":
+            reducer = spec.kernel(self.context(0), self.shape, **params)
+            pass_ = 0
+            while True:
+                for r0, r1 in self.chunks():
+                    reducer.update(pass_, *[self._as_tensor(self.rows_of(a, r0, r1), r1 - r0) for a in inputs])
+                if reducer.end_pass(pass_):
+                    break
+                pass_ += 1
+            value = reducer.result()
         else:
-            spec = OPS[node.op]
-            args = [values[j] for j in step.inputs]
-            n_in = len(args) - len(spec.params)
-            params = {p.name: p.convert(v) for p, v in zip(spec.params, args[n_in:])}
-            if spec.random:
-                ctx.key = derive_key(options.seed, tp.name, bytes.fromhex(node.attr("key")))
-            values[i] = spec.kernel(ctx, *args[:n_in], **params)
-        for j in step.free:
-            del values[j]
-    return values[len(steps) - 1]
+            args = [self._as_tensor(self.rows_of(a, 0, self.rows), self.rows) for a in inputs]
+            value = self.apply(node, args + [a.attr("value") for a in node.args[n_in:]], self.context(0))
+        self.cache[node] = value
+        return value
+
+    def _as_tensor(self, value, nrows: int) -> torch.Tensor:
+        if torch.is_tensor(value) and value.shape[:1] == (nrows,) and value.dim() == len(self.shape):
+            return value
+        shape = (nrows,) + tuple(self.shape[1:])
+        return torch.as_tensor(value, dtype=torch.float32, device=self.device).expand(shape)
+
+    def output_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(flat start, values) for the whole output, chunk by chunk."""
+        for r0, r1 in self.chunks():
+            yield r0 * self.row_size, self._as_tensor(self.rows_of(self.tp.graph, r0, r1), r1 - r0)
+
+
+def evaluate_in_memory(tp: TensorPlan, inputs: dict[str, torch.Tensor], options: ExecOptions) -> torch.Tensor:
+    """The whole output tensor from in-memory inputs (model key → tensor), through the same chunked path."""
+    shape = tp.shape if tp.shape else (1,)
+
+    def read(model: str, r0: int, r1: int) -> torch.Tensor:
+        return inputs[model].reshape(shape)[r0:r1].to(device=options.device, dtype=torch.float32)
+
+    parts = [values.reshape(-1) for _, values in TensorEvaluator(tp, read, options).output_chunks()]
+    return torch.cat(parts).reshape(tp.shape) if parts else torch.empty(tp.shape)
 
 
 def execute(plan: Plan, writer: ShardedWriter, options: ExecOptions,
             on_progress: Callable[[TensorPlan, int], None] | None = None) -> None:
     """Compute every planned tensor and stream it into the writer."""
     device = torch.device(options.device)
-
     for tp in plan.tensors:
-        numel = tp.numel
-        def read(model: str, start: int, stop: int, name=tp.name) -> torch.Tensor:
-            raw = plan.checkpoints[model].read(name, start, stop)
-            return raw.to(device=device, dtype=torch.float32, non_blocking=True)
+        shape = tp.shape if tp.shape else (1,)
+        row_size = math.prod(shape[1:])
+
+        def read(model: str, r0: int, r1: int, name=tp.name, shape=shape, row_size=row_size) -> torch.Tensor:
+            raw = plan.checkpoints[model].read(name, r0 * row_size, r1 * row_size)
+            chunk = raw.to(device=device, dtype=torch.float32, non_blocking=True)
+            return chunk.view((r1 - r0,) + tuple(shape[1:]))
 
         out_dtype = DTYPES[tp.dtype]
-        for start in range(0, max(numel, 1), options.chunk):
-            stop = min(numel, start + options.chunk)
-            if stop <= start:
-                break
-            result = evaluate_chunk(tp, read, start, stop, options)
-            writer.write(tp.name, start, result.to(dtype=out_dtype).to("cpu").contiguous())
+        for start, values in TensorEvaluator(tp, read, options).output_chunks():
+            data = values.to(dtype=out_dtype).reshape(-1).to("cpu")
+            writer.write(tp.name, start, data.contiguous())
             if on_progress:
-                on_progress(tp, (stop - start) * out_dtype.itemsize)
-        if numel == 0 and on_progress:
+                on_progress(tp, data.numel() * out_dtype.itemsize)
+        if tp.numel == 0 and on_progress:
             on_progress(tp, 0)

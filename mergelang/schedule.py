@@ -1,4 +1,4 @@
-"""Order a tensor's graph for evaluation and find where each value is used for the last time."""
+"""Order a tensor's elementwise region for chunked evaluation, freeing each value at its last use."""
 
 from __future__ import annotations
 
@@ -7,33 +7,65 @@ from functools import lru_cache
 
 import networkx as nx
 
-from .graph import Node, to_networkx
+from .graph import Node
+from .ops import OPS
 
 
 @dataclass(frozen=True)
 class Step:
     node: Node
-    inputs: tuple[int, ...]  # indices of earlier steps
+    inputs: tuple[int, ...]  # positions of earlier steps; empty for a leaf
     free: tuple[int, ...]  # values to drop after this step (their last use)
 
 
+def is_leaf(node: Node) -> bool:
+    """Loads, constants, reductions and tensor ops end a region; elementwise ops continue it."""
+    return node.op in ("const", "load") or OPS[node.op].kind != "elementwise"
+
+
+def region_graph(root: Node) -> nx.DiGraph:
+    """The region under root as a networkx graph: an edge a → b when b uses a."""
+    g = nx.DiGraph()
+    g.add_node(root)
+    todo = [root]
+    while todo:
+        n = todo.pop()
+        if is_leaf(n):
+            continue
+        for a in n.args:
+            if a not in g:
+                todo.append(a)
+            g.add_edge(a, n)
+    return g
+
+
 @lru_cache(maxsize=1024)
-def schedule(root: Node) -> tuple[Step, ...]:
-    """A topological order (deterministic) with last-use frees, so only live values are held.
+def region(root: Node) -> tuple[Step, ...]:
+    """A deterministic topological order of root's region, with last-use frees.
 
     Graphs are interned, so every tensor whose specialized graph is the same shares one schedule.
     """
-    g = to_networkx(root)
-    order = [g.nodes[v]["node"] for v in nx.lexicographical_topological_sort(g)]
-    position = {node: i for i, node in enumerate(order)}
-    last_use: dict[int, int] = {}
-    for i, node in enumerate(order):
-        for a in node.args:
-            last_use[position[a]] = i
+    g = region_graph(root)
+    rank = {n: i for i, n in enumerate(_first_visit(root))}
+    order = list(nx.lexicographical_topological_sort(g, key=rank.__getitem__))
+    position = {n: i for i, n in enumerate(order)}
+    last_use = {position[a]: i for i, n in enumerate(order) if not is_leaf(n) for a in n.args}
     frees: dict[int, list[int]] = {}
     for value, at in last_use.items():
         frees.setdefault(at, []).append(value)
-    return tuple(
-        Step(node, tuple(position[a] for a in node.args), tuple(sorted(frees.get(i, ()))))
-        for i, node in enumerate(order)
-    )
+    return tuple(Step(n, () if is_leaf(n) else tuple(position[a] for a in n.args), tuple(sorted(frees.get(i, ()))))
+                 for i, n in enumerate(order))
+
+
+def _first_visit(root: Node) -> list[Node]:
+    """Region nodes in depth-first, left-to-right order: the tie-break of the topological sort."""
+    seen, order, stack = set(), [], [root]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        order.append(n)
+        if not is_leaf(n):
+            stack.extend(reversed(n.args))
+    return order

@@ -9,7 +9,7 @@ import torch
 
 from mergelang import rng
 from mergelang.check import TensorPlan
-from mergelang.execute import ExecOptions, evaluate_chunk
+from mergelang.execute import ExecOptions, evaluate_in_memory
 from mergelang.graph import Node, const, with_random_key
 from mergelang.ops import OPS, KernelContext
 
@@ -24,13 +24,7 @@ def run_dare(x: torch.Tensor, p: float, *, seed: int = 0, run_seed: int = 0, chu
              name: str = "t.weight") -> torch.Tensor:
     """Evaluate dare(x) through the executor's chunked path."""
     tp = TensorPlan(name, dare_node(p, seed), tuple(x.shape), "F32")
-    flat = x.reshape(-1).float()
-    out = torch.empty_like(flat)
-    for start in range(0, flat.numel(), chunk):
-        stop = min(flat.numel(), start + chunk)
-        out[start:stop] = evaluate_chunk(tp, lambda m, a, b: flat[a:b], start, stop,
-                                         ExecOptions(seed=run_seed, chunk=chunk))
-    return out.view(x.shape)
+    return evaluate_in_memory(tp, {"x": x.float()}, ExecOptions(seed=run_seed, chunk=chunk))
 
 
 def test_splitmix_matches_python_reference():
@@ -87,10 +81,12 @@ def test_seeds():
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 4096, 10_001])
-def test_mask_does_not_depend_on_chunk_size(chunk):
-    x = torch.randn(10_001)
+@pytest.mark.parametrize("shape", [(10_001,), (73, 137)])
+def test_mask_does_not_depend_on_chunk_size(chunk, shape):
+    x = torch.randn(shape)
     whole = run_dare(x, 0.7, run_seed=5)
     assert torch.equal(run_dare(x, 0.7, run_seed=5, chunk=chunk), whole)
+    assert torch.equal(run_dare(x.reshape(-1), 0.7, run_seed=5, chunk=chunk).reshape(shape), whole)
 
 
 def test_mask_does_not_depend_on_thread_count():

@@ -1,9 +1,17 @@
 """The primitive registry: one entry per op — its name, inputs, parameters with their checks, and kernel.
 
-A kernel receives a KernelContext, its tensor inputs (torch tensors, or Python floats for scalar
-inputs) and its parameters as keyword arguments, and returns a tensor (or float). Elementwise
-kernels may be called on any contiguous slice of the flattened tensors; `ctx.start` is the index of
-the slice's first element, so random ops draw the same numbers whatever the slicing.
+Three kinds of op, by what they need to see of a tensor:
+
+- elementwise: `kernel(ctx, *inputs, **params)` on a chunk of whole rows (dim 0) of every input.
+  Inputs are tensors of the chunk's shape, Python floats, or 0-d/row-wise statistics that
+  broadcast. `ctx.start` is the flat index of the chunk's first element, so random ops draw the
+  same numbers whatever the chunking.
+- reduce: a statistic streamed over the chunks of its inputs, in one or more passes. `kernel` is
+  a Reducer class: `Reducer(ctx, shape, **params)`, then for each pass `update(pass_, *chunks)`
+  for every chunk in order, `end_pass(pass_)` returning True when done; `result()` returns a
+  0-d tensor or a row-wise tensor of shape (rows, 1, ...) that broadcasts against chunks.
+- tensor: `kernel(ctx, *inputs, **params)` on whole tensors (materialized in float32); returns a
+  tensor of the output's shape, or a statistic as above. For ops that cannot stream.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ class OpDef:
     inputs: int | None  # number of inputs; None: variadic (one or more, or a single list)
     params: tuple[Param, ...]
     kernel: Callable
-    kind: str = "elementwise"  # elementwise | whole-tensor | cross-model (later)
+    kind: str = "elementwise"  # elementwise | reduce | tensor
     random: bool = False
     tensor_inputs: bool = False  # inputs must be tensors, not scalars
     doc: str = ""
@@ -52,7 +60,7 @@ class KernelContext:
     """Where a kernel call sits: which tensor, which slice of it, and the keys of random ops."""
 
     tensor: str = ""
-    start: int = 0
+    start: int = 0  # flat index of the chunk's first element
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     key: int = 0  # set per node for random ops
