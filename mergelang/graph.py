@@ -81,6 +81,8 @@ def _freeze(value: Any) -> Any:
     # Distinguish 1 from 1.0 and True so that constants of different types do not intern together.
     if isinstance(value, tuple):
         return tuple(_freeze(v) for v in value)
+    if isinstance(value, float):  # -0.0 == 0.0 and nan != nan, but they are different constants
+        return ("float", repr(value))
     return (type(value).__name__, value)
 
 
