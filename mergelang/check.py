@@ -180,7 +180,7 @@ def _plan_tensors(plan: Plan, out_dtype: str | None, reporter: Reporter) -> None
                        lowered.output_span, help="every output tensor must involve a model")
     for (node, index, message), tensors in ranges.items.items():
         spec = OPS[node.op]
-        param = spec.params[index - (len(node.args) - len(spec.params))]
+        param = next(p for p, s in spec.layout(len(node.args))[1] if s.start <= index < s.stop)
         value = node.args[index].attr("value")
         where = "" if len(tensors) == len(ref.tensors) else f" (for {_examples(tensors)})"
         reporter.error(RANGE, f"`{param.name}` of `{spec.name}` {message}, got {value:g}{where}",
@@ -229,12 +229,13 @@ def _check_params(graph: Node, tensor: str, lowered: Lowered, ranges) -> None:
         spec = OPS.get(n.op)
         if spec is None or not spec.params:
             continue
-        first = len(n.args) - len(spec.params)
-        for i, (p, a) in enumerate(zip(spec.params, n.args[first:])):
-            if p.check is not None and a.op == "const":
-                message = p.check(a.attr("value"))
-                if message:
-                    ranges.add((n, first + i, message), tensor)
+        for p, s in spec.layout(len(n.args))[1]:
+            for index in range(s.start, s.stop):
+                a = n.args[index]
+                if p.check is not None and a.op == "const":
+                    message = p.check(a.attr("value"))
+                    if message:
+                        ranges.add((n, index, message), tensor)
 
 
 def _warn_unused(plan: Plan, used: set[str], reporter: Reporter) -> None:

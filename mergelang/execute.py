@@ -76,21 +76,20 @@ class TensorEvaluator:
 
     def apply(self, node: Node, args: list, ctx: KernelContext):
         spec = OPS[node.op]
-        n_in = len(args) - len(spec.params)
-        params = {p.name: p.convert(v) for p, v in zip(spec.params, args[n_in:])}
+        inputs, params = spec.bind(args)
         if spec.random:
             ctx.key = derive_key(self.options.seed, self.tp.name, bytes.fromhex(node.attr("key")))
-        return spec.kernel(ctx, *args[:n_in], **params)
+        return spec.kernel(ctx, *inputs, **params)
 
     def full(self, node: Node) -> torch.Tensor:
         """The whole value of a reduce or tensor node (cached for this tensor)."""
         if node in self.cache:
             return self.cache[node]
         spec = OPS[node.op]
-        n_in = len(node.args) - len(spec.params)
-        params = {p.name: p.convert(a.attr("value")) for p, a in zip(spec.params, node.args[n_in:])}
-        inputs = node.args[:n_in]
+        n_in, _ = spec.layout(len(node.args))
+        inputs, constants = node.args[:n_in], [a.attr("value") for a in node.args[n_in:]]
         if spec.kind == "reduce":
+            _, params = spec.bind([None] * n_in + constants)
             reducer = spec.kernel(self.context(0), self.shape, **params)
             pass_ = 0
             while True:
@@ -102,7 +101,7 @@ class TensorEvaluator:
             value = reducer.result()
         else:
             args = [self._as_tensor(self.rows_of(a, 0, self.rows), self.rows) for a in inputs]
-            value = self.apply(node, args + [a.attr("value") for a in node.args[n_in:]], self.context(0))
+            value = self.apply(node, args + constants, self.context(0))
         self.cache[node] = value
         return value
 

@@ -206,11 +206,12 @@ def _label(n: Node, ids: dict["Node", str]) -> str:
     if n.op == "load":
         return f"load {n.attr('model')}"
     spec = OPS.get(n.op)
-    n_params = len(spec.params) if spec else 0
-    n_in = len(n.args) - n_params
+    n_in, slots = spec.layout(len(n.args)) if spec else (len(n.args), [])
     parts = [ids[a] for a in n.args[:n_in]]
-    if spec:
-        parts += [f"{p.name}={ids[a]}" for p, a in zip(spec.params, n.args[n_in:])]
+    for p, s in slots:
+        values = [ids[a] if a.op != "const" or p.kind not in ("bool", "choice")
+                  else repr(p.convert(a.attr("value"))).lower() for a in n.args[s]]
+        parts.append(f"{p.name}=" + (f"[{', '.join(values)}]" if p.kind == "per_input" else values[0]))
     parts += [f"{k}={_fmt_attr(v)}" for k, v in n.attrs if k != "key"]  # the random key is noise to a reader
     return " ".join([n.op] + parts)
 

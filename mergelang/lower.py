@@ -339,9 +339,11 @@ class _Lowerer:
         return self.apply_op(spec, inputs, values, e.span)
 
     def apply_op(self, spec: OpDef, inputs, params, span) -> Any:
-        """Build the op node; lists among fixed-arity inputs and parameters broadcast pairwise."""
-        everything = inputs + params if spec.inputs is not None else params
-        lists = [(v, s) for v, s in everything if isinstance(v, _ListV)]
+        """Build the op node. Lists among fixed-arity inputs and (not per-input) parameters
+        broadcast pairwise: `dare([a, b], p=[0.9, 0.8])` is `[dare(a, p=0.9), dare(b, p=0.8)]`."""
+        scalar_params = [(v, s) for p, (v, s) in zip(spec.params, params) if p.kind != "per_input"]
+        lists = [(v, s) for v, s in (inputs if spec.inputs is not None else []) + scalar_params
+                 if isinstance(v, _ListV)]
         if lists:
             n = len(lists[0][0].items)
             for v, s in lists:
@@ -349,12 +351,12 @@ class _Lowerer:
                     return self.error(LIST_LENGTH, f"`{spec.name}` got lists of different lengths: {n} and "
                                                    f"{len(v.items)}", s)
 
-            def pick(v, i):
-                return v.items[i] if isinstance(v, _ListV) else v
+            def pick(p, v, i):
+                return v.items[i] if isinstance(v, _ListV) and (p is None or p.kind != "per_input") else v
 
             return _ListV(tuple(
-                self.apply_op(spec, [(pick(v, i), s) for v, s in inputs] if spec.inputs is not None else inputs,
-                              [(pick(v, i), s) for v, s in params], span)
+                self.apply_op(spec, [(pick(None, v, i), s) for v, s in inputs] if spec.inputs is not None else inputs,
+                              [(pick(p, v, i), s) for p, (v, s) in zip(spec.params, params)], span)
                 for i in range(n)))
         for v, s in inputs:
             if not isinstance(v, Node):
@@ -362,29 +364,49 @@ class _Lowerer:
             if spec.tensor_inputs and not self.is_tensor(v):
                 return self.error(TYPE, f"`{spec.name}` needs a tensor, found a number", s,
                                   help="apply it to an expression that involves a model")
-        param_nodes = []
+        args, arg_spans = [v for v, _ in inputs], []
         for p, (v, s) in zip(spec.params, params):
-            node = self.param_node(spec, p, v, s)
-            if node is POISON:
+            values = self.per_input(spec, p, v, s, len(inputs)) if p.kind == "per_input" else [v]
+            if values is POISON:
                 return POISON
-            param_nodes.append((node, s))
-        node = Node(spec.name, [v for v, _ in inputs] + [n for n, _ in param_nodes])
+            for value in values:
+                node = self.param_node(spec, p, value, s)
+                if node is POISON:
+                    return POISON
+                args.append(node)
+                arg_spans.append(s)
+        node = Node(spec.name, args)
         if spec.random:
             node = with_random_key(node)
-        for i, (_, s) in enumerate(param_nodes):
+        for i, s in enumerate(arg_spans):
             self.spans.add_arg(node, len(inputs) + i, s)
         return self.spans.add(node, span)
 
+    def per_input(self, spec: OpDef, p, v, s, n: int) -> Any:
+        if not isinstance(v, _ListV):
+            return [v] * n
+        if len(v.items) != n:
+            return self.error(LIST_LENGTH, f"`{p.name}` of `{spec.name}` needs one value per input: {n}, "
+                                           f"found a list of {len(v.items)}", s)
+        return list(v.items)
+
     def param_node(self, spec: OpDef, p, v, s) -> Any:
+        what = f"`{p.name}` of `{spec.name}`"
         if p.kind == "bool":
             if not isinstance(v, bool):
-                return self.error(TYPE, f"`{p.name}` of `{spec.name}` must be true or false, found {self.describe(v)}", s)
-            return const(1.0 if v else 0.0)
+                return self.error(TYPE, f"{what} must be true or false, found {self.describe(v)}", s)
+            return const(p.encode(v))
+        if p.kind == "choice":
+            if v not in p.choices:
+                options = ", ".join(f'"{c}"' for c in p.choices)
+                found = f'"{v}"' if isinstance(v, str) else self.describe(v)
+                return self.error(TYPE, f"{what} must be one of {options}, found {found}", s)
+            return const(p.encode(v))
         if isinstance(v, bool) or not isinstance(v, Node) and not isinstance(v, (int, float)):
-            return self.error(TYPE, f"`{p.name}` of `{spec.name}` must be a number, found {self.describe(v)}", s)
+            return self.error(TYPE, f"{what} must be a number, found {self.describe(v)}", s)
         node = v if isinstance(v, Node) else const(v)
         if self.is_tensor(node):
-            return self.error(TYPE, f"`{p.name}` of `{spec.name}` must be a number, found a tensor", s,
+            return self.error(TYPE, f"{what} must be a number, found a tensor", s,
                               help="parameters are numbers, or per-tensor numbers from `layers(...)` or `match tensor`")
         return node
 

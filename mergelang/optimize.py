@@ -24,11 +24,9 @@ def _fold_rule(node: Node) -> Node | None:
         return None
     if any(a.op != "const" for a in node.args):
         return None
-    values = [a.attr("value") for a in node.args]
-    n_in = len(values) - len(spec.params)
-    params = {p.name: p.convert(v) for p, v in zip(spec.params, values[n_in:])}
+    inputs, params = spec.bind([a.attr("value") for a in node.args])
     try:
-        result = spec.kernel(KernelContext(), *values[:n_in], **params)
+        result = spec.kernel(KernelContext(), *inputs, **params)
     except ZeroDivisionError:
         raise FoldError(node, "division by zero") from None
     return const(float(result))

@@ -26,10 +26,14 @@ REQUIRED = object()
 
 @dataclass(frozen=True)
 class Param:
+    """A parameter. Kinds: number, int, bool, choice (one of `choices`, written as a string), and
+    per_input (a number per input of a variadic op: a list of that length, or one number for all)."""
+
     name: str
     default: Any = REQUIRED
-    kind: str = "number"  # number | int | bool
+    kind: str = "number"
     check: Callable[[float], str | None] | None = None  # returns "must be in [0, 1)" or None
+    choices: tuple[str, ...] = ()
     doc: str = ""
 
     def convert(self, value: float) -> Any:
@@ -37,6 +41,14 @@ class Param:
             return int(value)
         if self.kind == "bool":
             return bool(value)
+        if self.kind == "choice":
+            return self.choices[int(value)]
+        return float(value)
+
+    def encode(self, value: Any) -> float:
+        """The number that stands for a bool or choice value in the graph."""
+        if self.kind == "choice":
+            return float(self.choices.index(value))
         return float(value)
 
 
@@ -53,6 +65,24 @@ class OpDef:
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
+
+    def layout(self, n_args: int) -> tuple[int, list[tuple[Param, slice]]]:
+        """How a node's args divide: the inputs first, then each parameter (n wide if per_input)."""
+        n_scalar = sum(p.kind != "per_input" for p in self.params)
+        n_in = (n_args - n_scalar) // (1 + len(self.params) - n_scalar)
+        slots, pos = [], n_in
+        for p in self.params:
+            width = n_in if p.kind == "per_input" else 1
+            slots.append((p, slice(pos, pos + width)))
+            pos += width
+        return n_in, slots
+
+    def bind(self, args: list) -> tuple[list, dict[str, Any]]:
+        """Split evaluated args (parameters as floats) into the inputs and the kernel's keyword arguments."""
+        n_in, slots = self.layout(len(args))
+        params = {p.name: [p.convert(v) for v in args[s]] if p.kind == "per_input" else p.convert(args[s][0])
+                  for p, s in slots}
+        return args[:n_in], params
 
 
 @dataclass
