@@ -229,13 +229,19 @@ def _check_params(graph: Node, tensor: str, lowered: Lowered, ranges) -> None:
         spec = OPS.get(n.op)
         if spec is None or not spec.params:
             continue
-        for p, s in spec.layout(len(n.args))[1]:
+        slots = spec.layout(len(n.args))[1]
+        for p, s in slots:
             for index in range(s.start, s.stop):
                 a = n.args[index]
                 if p.check is not None and a.op == "const":
                     message = p.check(a.attr("value"))
                     if message:
                         ranges.add((n, index, message), tensor)
+        if spec.check_all is not None and all(a.op == "const" for a in n.args[slots[0][1].start:]):
+            _, params = spec.bind([None] * slots[0][1].start + [a.attr("value") for a in n.args[slots[0][1].start:]])
+            for name, message in spec.check_all(params):
+                index = next(s.start for p, s in slots if p.name == name)
+                ranges.add((n, index, message), tensor)
 
 
 def _warn_unused(plan: Plan, used: set[str], reporter: Reporter) -> None:

@@ -1,6 +1,6 @@
 """Primitive ops. Importing this package registers every op in OPS."""
 
-from . import elementwise  # noqa: F401  (registers the ops)
+from . import consensus, elementwise, geometry, selection, sparsify  # noqa: F401  (registers the ops)
 from .registry import OPS, REQUIRED, KernelContext, OpDef, Param
 
 __all__ = ["OPS", "REQUIRED", "KernelContext", "OpDef", "Param"]

@@ -62,6 +62,9 @@ class OpDef:
     random: bool = False
     tensor_inputs: bool = False  # inputs must be tensors, not scalars
     doc: str = ""
+    # Checks that relate several parameters: called with the converted parameters (when they
+    # are all known), returns (parameter name, message) pairs such as ("epsilon", "...").
+    check_all: Callable[[dict[str, Any]], list[tuple[str, str]]] | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
