@@ -1,0 +1,5 @@
+"""`python -m mergelang` runs the command line."""
+
+from .cli import main
+
+main()
