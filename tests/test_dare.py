@@ -27,15 +27,30 @@ def run_dare(x: torch.Tensor, p: float, *, seed: int = 0, run_seed: int = 0, chu
     return evaluate_in_memory(tp, {"x": x.float()}, ExecOptions(seed=run_seed, chunk=chunk))
 
 
-def test_splitmix_matches_python_reference():
+def test_vectorized_draws_match_python_reference():
     key = rng.derive_key(7, "model.layers.0.mlp.up_proj.weight", b"digest")
-    starts = [0, 12345, 2**40]
-    for s in starts:
-        got = rng.draws(key, s, 257).tolist()
-        assert got == [rng.reference_draw(key, s + i) for i in range(257)]
-    # splitmix64's published first outputs for seed 0 (state incremented before mixing).
-    assert rng.splitmix64(0) == 0xE220A8397B1DCDAF
-    assert rng.splitmix64(0x9E3779B97F4A7C15) == 0x6E789E6AA1B965F4
+    for start in (0, 12345, 2**31 - 100, 2**32 - 100, 2**40):  # crossing the int32 sign and 2^32 boundaries
+        got = rng.draws(key, start, 257).tolist()
+        assert got == [rng.reference_draw(key, start + i) for i in range(257)]
+
+
+def test_mixer_is_lowbias32():
+    """The unkeyed core is the lowbias32 finalizer; values computed by hand from its definition."""
+    assert rng._mix32(0) == 0
+    # 1 → *0x7feb352d = 0x7feb352d → ^ (>> 15) = 0x7febcafb → *0x846ca68b mod 2^32 = 0x6889f849 → ^ (>> 16)
+    x = (0x7FEB352D ^ (0x7FEB352D >> 15)) * 0x846CA68B & 0xFFFFFFFF
+    assert rng._mix32(1) == x ^ (x >> 16) == 0x688990C0
+
+
+def test_draws_are_uniform_and_independent_across_keys():
+    n = 1 << 20
+    a = rng.draws(1, 0, n).double() / 2**32
+    b = rng.draws(2, 0, n).double() / 2**32
+    sigma = (1 / 12 / n) ** 0.5
+    assert abs(a.mean().item() - 0.5) < 5 * sigma
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 5 / n**0.5
+    hist = torch.histc(a, bins=16, min=0, max=1)
+    assert (hist - n / 16).abs().max().item() < 5 * (n / 16) ** 0.5
 
 
 def test_hand_made_tensor_entries_are_zero_or_rescaled():
@@ -51,7 +66,7 @@ def test_mask_matches_an_independent_reference():
     x = torch.arange(1, 201, dtype=torch.float32).view(10, 20)
     out = run_dare(x, p, run_seed=run_seed, name=name)
     key = rng.derive_key(run_seed, name, bytes.fromhex(dare_node(p).attr("key")))
-    limit = int((1 - p) * 2**53)
+    limit = round((1 - p) * 2**32)
     expected = [v / (1 - p) if rng.reference_draw(key, i) < limit else 0.0
                 for i, v in enumerate(x.view(-1).tolist())]
     assert out.view(-1).tolist() == pytest.approx(expected, rel=1e-7)
@@ -102,10 +117,13 @@ def test_mask_does_not_depend_on_thread_count():
     assert torch.equal(one, many)
 
 
-def test_keep_probability_is_not_rounded():
-    """mergekit draws its mask in the tensor dtype, so bf16 rounds 0.9 to 0.8984375; here it is exact."""
-    assert rng.threshold(0.1) == int(0.1 * 2**53)
-    assert rng.threshold(1.0) == 2**53 and rng.threshold(0.0) == 0
+def test_keep_probability_is_not_rounded_to_the_tensor_dtype():
+    """mergekit draws its mask in the tensor dtype, so bf16 rounds 0.9 to 0.8984375; here it is exact to 2^-32."""
+    assert rng.threshold(0.1) == round(0.1 * 2**32)
+    assert rng.threshold(1.0) == 2**32 and rng.threshold(0.0) == 0
+    n = 1 << 22
+    kept = rng.keep_mask(5, 0, n, 0.9).double().mean().item()
+    assert abs(kept - 0.9) < 4 * (0.09 / n) ** 0.5 and abs(kept - 0.8984375) > 4 * (0.09 / n) ** 0.5
 
 
 def test_kernel_registry_entry():

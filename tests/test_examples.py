@@ -24,7 +24,7 @@ def ref_dare_avg(m, name):
         written = Node("dare", [Node("sub", [Node("load", (), {"model": ft}), Node("load", (), {"model": "base"})]),
                                 const(0.9), const(0)])
         key = rng.derive_key(7, name, written.digest[:16])
-        keep = rng.draws(key, 0, base.numel()).view(base.shape) < rng.threshold(0.1)
+        keep = torch.tensor([rng.reference_draw(key, i) < round(0.1 * 2**32) for i in range(base.numel())]).view(base.shape)
         out = out + torch.where(keep, (m[ft] - base) / (1 - 0.9), 0.0)
     return base + out / 2
 

@@ -50,7 +50,7 @@ def leftovers(parent: Path) -> list[str]:
 
 def reference_dare(delta: torch.Tensor, p: float, key: int) -> torch.Tensor:
     """DARE computed from the pure-Python hash, independently of the executor."""
-    limit = int((1 - p) * 2**53)
+    limit = round((1 - p) * 2**32)
     keep = torch.tensor([rng.reference_draw(key, i) < limit for i in range(delta.numel())]).view(delta.shape)
     return torch.where(keep, delta / (1 - p), torch.zeros(()))
 
