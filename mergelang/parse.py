@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from lark import Lark, Token, Transformer, v_args
-from lark.exceptions import VisitError, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
 
 from . import ast
 from .diagnostics import SYNTAX, Diagnostic, MergelangError
@@ -76,12 +76,15 @@ def parse_file(path: Path) -> ast.Program:
 # What a syntax error message calls the terminals that are not fixed strings.
 _TERMINAL_NAMES = {"NAME": "a name", "NUMBER": "a number", "STRING": "a string",
                    "_NL": "the end of the line", "$END": "the end of the file"}
-# The order in which a message lists what was expected.
-_ORDER = ("COMMA", "RPAR", "RSQB", "RBRACE", "EQUAL", "__ANON_0", "LPAR", "LSQB", "LBRACE", "TENSOR",
-          "NAME", "NUMBER", "STRING", "_NL", "$END")
+# The order in which a message lists what was expected (anything else comes after, alphabetically).
+_ORDER = ("`,`", "`)`", "`]`", "`}`", "`=`", "`=>`", "`(`", "`[`", "`{`", "`tensor`",
+          "a name", "a number", "a string", "the end of the line", "the end of the file")
 _EXPRESSION_START = {"NAME", "NUMBER", "STRING", "LPAR", "LSQB", "MINUS", "TRUE", "FALSE", "MATCH"}
 _BINARY = {"PLUS", "MINUS", "STAR", "SLASH"}
 _STATEMENT_START = {"NAME", "OUTPUT", "DEF"}
+# Characters that word processors and keyboards put where the language has an ASCII one.
+_LOOKALIKES = {"×": "*", "·": "*", "÷": "/", "−": "-", "–": "-", "—": "-",
+               "“": '"', "”": '"', "„": '"', "＝": "="}
 _PAIRS = {"LPAR": ("(", ")"), "LSQB": ("[", "]"), "LBRACE": ("{", "}")}
 _CLOSER = {"RPAR": "LPAR", "RSQB": "LSQB", "RBRACE": "LBRACE"}
 
@@ -115,9 +118,9 @@ def _expected(accepts: set[str]) -> str:
     if {"STRING", "UNDERSCORE"} <= rest:
         words.append('another arm (`"PATTERN" => ...` or `_ => ...`)')
         rest -= {"STRING", "UNDERSCORE"}
-    rank = {name: i for i, name in enumerate(_ORDER)}
-    words += [_describe_terminal(t) for t in sorted(rest, key=lambda t: (rank.get(t, len(rank)), t))]
-    return _join(words) if words else ""
+    rank = {word: i for i, word in enumerate(_ORDER)}
+    words += sorted({_describe_terminal(t) for t in rest}, key=lambda w: (rank.get(w, len(rank)), w))
+    return _join(words) if words else "something else"
 
 
 def _accepts(e: UnexpectedInput) -> set[str]:
@@ -162,7 +165,7 @@ def _syntax_diagnostic(e: UnexpectedInput, source: ast.Source, text: str) -> Dia
     token = getattr(e, "token", None)
     at_end = isinstance(e, UnexpectedEOF) or (token is not None and token.type == "$END")
     if at_end:
-        line, col = 1 << 30, 0
+        line, col = text.count("\n") + 1, 1
     before = _statement_before(text, line, col)
     still_open = _open_brackets(before)
     expected = _expected(_accepts(e))
@@ -172,7 +175,8 @@ def _syntax_diagnostic(e: UnexpectedInput, source: ast.Source, text: str) -> Dia
     if at_end and still_open:
         opener = still_open[-1]
         close = _PAIRS[opener.type][1]
-        return Diagnostic(SYNTAX, f"syntax error: unclosed `{opener.value}`: expected `{close}`, found the end of the file",
+        return Diagnostic(SYNTAX, f"syntax error: unclosed `{opener.value}`: expected `{close}`, "
+                                  "found the end of the file",
                           _token_span(file, opener), label="opened here", help=f"add the missing `{close}`")
     if at_end or (token is not None and token.type == "_NL"):
         # Nothing to point at: point just past the last token.
@@ -194,15 +198,14 @@ def _syntax_diagnostic(e: UnexpectedInput, source: ast.Source, text: str) -> Dia
                               help='a string ends on the line where it starts: add the closing `"`')
         found, span = f"`{char}`", ast.Span(file, line, col, line, col + 1)
         label = "unexpected character"
-        if char == "'":
+        if char in _LOOKALIKES:
+            help_ = f"did you mean `{_LOOKALIKES[char]}`?"
+        elif char == "'":
             help_ = 'strings are written in double quotes: "..."'
         elif char == "\\":
             help_ = "a `\\` continues a statement only as the last character of a line"
     else:
-        found = f"`{token.value}`"
-        span = _token_span(file, token)
-        span = ast.Span(file, span.line, span.col, span.line,
-                        span.end_col if span.end_line == span.line else span.col + 1)
+        found, span = f"`{token.value}`", _token_span(file, token)
         label = "unexpected here"
         if token.type in _CLOSER:
             if not still_open:
@@ -211,7 +214,7 @@ def _syntax_diagnostic(e: UnexpectedInput, source: ast.Source, text: str) -> Dia
                 opener = still_open[-1]
                 help_ = (f"the `{opener.value}` at {_token_span(file, opener)} is closed by "
                          f"`{_PAIRS[opener.type][1]}`, not `{token.value}`")
-        elif "$END" in _accepts(e) and _BINARY & {token.type} and before and before[-1].end_line < token.line:
+        elif not before and token.type in _BINARY:
             help_ = "to continue a statement on the next line, end the line with the operator"
     previous = before[-1] if before else None
     joins, depth = [], 0
@@ -245,7 +248,8 @@ _KEYWORDS = {"output", "def", "match", "true", "false"}
 def _check_name(file: str, tok: Token) -> Token:
     if str(tok) in _KEYWORDS:
         raise _Problem(Diagnostic(SYNTAX, f"syntax error: expected a name, found the keyword `{tok}`",
-                                  _token_span(file, tok), label="a keyword", help="choose another name"))
+                                  _token_span(file, tok), label="a keyword",
+                                  help=f"`{tok}` is reserved; choose another name"))
     return tok
 
 
@@ -287,6 +291,18 @@ def _string_value(file: str, tok: Token) -> str:
     return pyast.literal_eval(body)
 
 
+def _no_repeats(items, what: str) -> None:
+    """Parameters of a `def`, or keyword arguments of a call, each name at most once."""
+    first: dict[str, ast.Span] = {}
+    for item in items:
+        if item.name in first:
+            raise _Problem(Diagnostic(
+                SYNTAX, f"syntax error: expected each {what} once, found `{item.name}` twice", item.span,
+                label=f"second `{item.name}`", notes=(f"the first is at {first[item.name]}",),
+                help="remove one of them"))
+        first[item.name] = item.span
+
+
 def _span(file: str, meta) -> ast.Span:
     return ast.Span(file, meta.line, meta.column, meta.end_line, meta.end_column)
 
@@ -319,6 +335,7 @@ class _ToAst(Transformer):
         name, *params, body = c
         _check_name(self.file, name)
         params = tuple(p for p in params if p is not None)
+        _no_repeats(params, "parameter")
         return ast.Def(ast.Name(str(name), _token_span(self.file, name)), params, body, self._s(meta))
 
     def param_required(self, meta, c):
@@ -376,6 +393,7 @@ class _ToAst(Transformer):
                     a.span, label="positional argument", help="put positional arguments before `name=value` ones"))
         positional = tuple(a for a in args if not isinstance(a, ast.Keyword))
         keywords = tuple(a for a in args if isinstance(a, ast.Keyword))
+        _no_repeats(keywords, "keyword argument")
         return ast.Call(ast.Name(str(func), _token_span(self.file, func)), positional, keywords, self._s(meta))
 
     def list(self, meta, c):

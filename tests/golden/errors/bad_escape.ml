@@ -1,0 +1,2 @@
+base = model("C:\models\llama")
+output base

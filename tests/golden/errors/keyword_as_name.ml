@@ -1,0 +1,3 @@
+base = model("base")
+true = 0.5
+output base

@@ -1,0 +1,3 @@
+base = model("base")
+ft0 = model(base)
+output ft0

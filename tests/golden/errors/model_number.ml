@@ -1,0 +1,2 @@
+base = model(13)
+output base

@@ -1,0 +1,3 @@
+base = model("base")
+ft0 = model("ft0")
+output [base, ft0] - base

@@ -1,0 +1,3 @@
+base = model("base")
+weight = 0.5
+output weight * 2

@@ -1,0 +1,4 @@
+def dare(x, p) = x * (1 - p)
+base = model("base")
+ft0 = model("ft0")
+output base + dare(ft0 - base, 0.9)

@@ -1,0 +1,2 @@
+base = model(“base”)
+output base

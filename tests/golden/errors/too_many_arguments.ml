@@ -1,0 +1,3 @@
+base = model("base")
+ft0 = model("ft0")
+output base + dare(ft0 - base, 0.9, 1, 2)
