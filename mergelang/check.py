@@ -140,7 +140,7 @@ def _plan_tensors(plan: Plan, out_dtype: str | None, reporter: Reporter) -> None
     lowered = plan.lowered
     ref = plan.checkpoints[plan.reference]
     layers = LayerInfo.from_model(list(ref.tensors), ref.config)
-    missing, no_match, shapes, dtypes, not_tensor, ranges = (_Grouped() for _ in range(6))
+    missing, no_match, shapes, dtypes, not_tensor, ranges, folds = (_Grouped() for _ in range(7))
     used_models: set[str] = set()
     for name, info in ref.tensors.items():
         try:
@@ -149,7 +149,7 @@ def _plan_tensors(plan: Plan, out_dtype: str | None, reporter: Reporter) -> None
             no_match.add((e.node,), name)
             continue
         except FoldError as e:
-            reporter.error(ARITHMETIC, f"{e.message} (for tensor `{name}`)", lowered.spans.first(e.node))
+            folds.add((e.message, lowered.spans.first(e.node)), name)
             continue
         shape = _infer(graph, name, plan, missing, shapes, dtypes, used_models)
         _check_params(graph, name, lowered, ranges)
@@ -165,6 +165,9 @@ def _plan_tensors(plan: Plan, out_dtype: str | None, reporter: Reporter) -> None
                        lowered.inputs[key].span, label=f"{len(tensors)} tensor{'s' * (len(tensors) > 1)} missing",
                        notes=(f"`{key}` is {plan.checkpoints[key].path}",),
                        help="all models in a formula must have the same tensors")
+    for (message, span), tensors in folds.items.items():
+        where = "" if len(tensors) == len(ref.tensors) else f" (for {_examples(tensors)})"
+        reporter.error(ARITHMETIC, f"{message}{where}", span, label="divides by 0")
     for (node,), tensors in no_match.items.items():
         patterns = ", ".join(f'"{p}"' for p in node.attr("patterns") if p is not None)
         reporter.error(NO_MATCH, f"no arm of `match tensor` matches {_examples(tensors)}", spans.first(node),
@@ -178,13 +181,9 @@ def _plan_tensors(plan: Plan, out_dtype: str | None, reporter: Reporter) -> None
     for (graph,), tensors in not_tensor.items.items():
         reporter.error(TYPE, f"for {_examples(tensors)} the output is the number {graph!r}, not a tensor",
                        lowered.output_span, help="every output tensor must involve a model")
-    for (node, index, message), tensors in ranges.items.items():
-        spec = OPS[node.op]
-        param = next(p for p, s in spec.layout(len(node.args))[1] if s.start <= index < s.stop)
-        value = node.args[index].attr("value")
+    for (op, param, message, value, span), tensors in ranges.items.items():
         where = "" if len(tensors) == len(ref.tensors) else f" (for {_examples(tensors)})"
-        reporter.error(RANGE, f"`{param.name}` of `{spec.name}` {message}, got {value:g}{where}",
-                       spans.arg(node, index) or spans.first(node), label="out of range")
+        reporter.error(RANGE, f"`{param}` of `{op}` {message}, got {value:g}{where}", span, label="out of range")
     _warn_unused(plan, used_models, reporter)
 
 
@@ -225,23 +224,27 @@ def _infer(graph: Node, tensor: str, plan: Plan, missing, shapes, dtypes, used: 
 
 
 def _check_params(graph: Node, tensor: str, lowered: Lowered, ranges) -> None:
+    """Range checks of constant parameters; grouped by (op, parameter, message, value, place)."""
+    spans = lowered.spans
+
+    def report(n: Node, index: int, name: str, message: str) -> None:
+        value = n.args[index].attr("value")
+        ranges.add((n.op, name, message, value, spans.arg(n, index) or spans.first(n)), tensor)
+
     for n in walk(graph):
         spec = OPS.get(n.op)
         if spec is None or not spec.params:
             continue
-        slots = spec.layout(len(n.args))[1]
+        n_in, slots = spec.layout(len(n.args))
         for p, s in slots:
             for index in range(s.start, s.stop):
                 a = n.args[index]
-                if p.check is not None and a.op == "const":
-                    message = p.check(a.attr("value"))
-                    if message:
-                        ranges.add((n, index, message), tensor)
-        if spec.check_all is not None and all(a.op == "const" for a in n.args[slots[0][1].start:]):
-            _, params = spec.bind([None] * slots[0][1].start + [a.attr("value") for a in n.args[slots[0][1].start:]])
+                if p.check is not None and a.op == "const" and (message := p.check(a.attr("value"))):
+                    report(n, index, p.name, message)
+        if spec.check_all is not None and all(a.op == "const" for a in n.args[n_in:]):
+            _, params = spec.bind([None] * n_in + [a.attr("value") for a in n.args[n_in:]])
             for name, message in spec.check_all(params):
-                index = next(s.start for p, s in slots if p.name == name)
-                ranges.add((n, index, message), tensor)
+                report(n, next(s.start for p, s in slots if p.name == name), name, message)
 
 
 def _warn_unused(plan: Plan, used: set[str], reporter: Reporter) -> None:

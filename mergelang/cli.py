@@ -162,9 +162,13 @@ def explain(spec, models, tensor, unoptimized, dot, reporter):
     if dot:
         click.echo(render_dot(root))
         return
+    from .check import resolve_inputs
+
+    folders = resolve_inputs(lowered, _parse_models(models), reporter)
+    reporter.raise_if_errors()
     click.echo("inputs:")
     for key, m in lowered.inputs.items():
-        click.echo(f"  {key} = model({m.path_text!r})  # {m.folder}")
+        click.echo(f"  {key} = model({m.path_text!r})  # {folders[key]}")
     title = f"graph for {tensor}" if tensor else ("graph" if unoptimized else "optimized graph")
     click.echo(f"{title}:")
     click.echo("  " + render(root, lowered.spans).replace("\n", "\n  "))

@@ -129,6 +129,8 @@ def rewrite(root: Node, rule: Callable[[Node], Node | None], spans: "Spans | Non
     for node in walk(root):
         args = tuple(done[id(a)] for a in node.args)
         new = node if args == node.args else Node(node.op, args, dict(node.attrs))
+        if spans is not None:
+            spans.carry(node, new)  # so that a rule raising about `new` can point at the source
         replaced = rule(new)
         result = new if replaced is None else replaced
         if spans is not None:
@@ -185,8 +187,9 @@ class Spans:
 
 
 def _fmt_attr(v: Any) -> str:
-    if isinstance(v, float) and v.is_integer() and abs(v) < 1e16:
-        return str(int(v))
+    """Numbers as a reader writes them: 2 not 2.0, 0.1 not 0.09999999999999998 (12 significant digits)."""
+    if isinstance(v, float):
+        return f"{v:.12g}"
     return repr(v)
 
 

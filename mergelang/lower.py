@@ -83,7 +83,9 @@ class _Lowerer:
     spans: Spans = field(default_factory=Spans)
     inputs: dict[str, InputModel] = field(default_factory=dict)
     defs: dict[str, ast.Def] = field(default_factory=dict)
-    call_stack: list[str] = field(default_factory=list)
+    call_stack: list[tuple[str, ast.Span]] = field(default_factory=list)  # (def name, call site)
+    user_file: str = ""  # diagnostics inside an inlined stdlib def are reported at the user's call
+    defining: str | None = None  # the name whose `NAME = ...` is being lowered
     folder: Path = Path(".")
     pending_names: dict[str, int] = field(default_factory=dict)  # assigned later in the file
     globals: _Scope = field(default_factory=lambda: _Scope({}))
@@ -107,6 +109,13 @@ class _Lowerer:
         return "a value"
 
     def error(self, code: str, message: str, span: ast.Span, **kw) -> _Poison:
+        if span is not None and span.file != self.user_file:
+            sites = [(name, site) for name, site in self.call_stack if site.file == self.user_file]
+            if sites:
+                name, site = sites[-1]
+                kw["notes"] = (f"inside `{name}`, at {span}",) + tuple(kw.get("notes", ()))
+                kw["label"] = f"in this call of `{name}`"
+                span = site
         self.reporter.error(code, message, span, **kw)
         return POISON
 
@@ -142,6 +151,9 @@ class _Lowerer:
         if e.id in self.defs or e.id in OPS or e.id in BUILTINS:
             return self.error(TYPE, f"`{e.id}` is a function; call it with arguments", e.span,
                               label="not a value", help=f"write `{e.id}(...)`")
+        if e.id == self.defining:
+            return self.error(UNKNOWN_NAME, f"`{e.id}` is used in its own definition", e.span, label="used here",
+                              help="a name can only refer to names defined above it")
         if e.id in self.pending_names:
             return self.error(UNKNOWN_NAME, f"`{e.id}` is used before it is defined", e.span,
                               label="used here", notes=(f"`{e.id}` is defined on line {self.pending_names[e.id]}",),
@@ -228,8 +240,9 @@ class _Lowerer:
             return self.call_def(self.defs[fname], e, args, kwargs)
         if fname in OPS:
             return self.call_op(OPS[fname], e, args, kwargs)
-        self.name(e.func, _Scope({}))
-        return POISON
+        callables = set(self.defs) | set(OPS) | BUILTINS
+        return self.error(UNKNOWN_NAME, f"unknown function `{fname}`", e.func.span, label="not defined",
+                          help=suggest(fname, callables) or "define it with `def NAME(params) = ...`")
 
     def model(self, e: ast.Call, args, kwargs, bind_as: str | None) -> Any:
         if kwargs:
@@ -272,11 +285,11 @@ class _Lowerer:
             if k in bound:
                 return self.error(KEYWORD, f"`{k}` is given twice", kw.span)
             bound[k] = v
-        if d.name.id in self.call_stack:
+        if d.name.id in [name for name, _ in self.call_stack]:
             return self.error(RECURSION, f"`{d.name.id}` calls itself", e.span,
-                              notes=(" → ".join(self.call_stack + [d.name.id]),),
+                              notes=(" → ".join([name for name, _ in self.call_stack] + [d.name.id]),),
                               help="merge formulas are expanded inline, so functions cannot recurse")
-        self.call_stack.append(d.name.id)
+        self.call_stack.append((d.name.id, e.span))
         try:
             for p in d.params:
                 if p.name not in bound:
@@ -321,9 +334,12 @@ class _Lowerer:
         for k, (v, kw) in kwargs.items():
             if spec.param(k) is None:
                 names = [p.name for p in spec.params]
+                unset = [p.name for p in spec.params[len(positional_params):]
+                         if p.default is REQUIRED and p.name not in kwargs]
+                guess = suggest(k, names) or (f"did you mean `{unset[0]}`?" if len(unset) == 1 else None)
                 return self.error(KEYWORD, f"`{spec.name}` has no parameter `{k}`", kw.span,
-                                  help=suggest(k, names) or (f"its parameters are: {', '.join(names)}" if names
-                                                              else f"`{spec.name}` takes no parameters"))
+                                  help=guess or (f"its parameters are: {', '.join(names)}" if names
+                                                 else f"`{spec.name}` takes no parameters"))
             if k in params:
                 return self.error(KEYWORD, f"`{k}` is given twice", kw.span)
             params[k] = (v, kw.value.span)
@@ -450,7 +466,7 @@ def lower(program: ast.Program, reporter: Reporter | None = None) -> Lowered:
     reporter = reporter or Reporter()
     stdlib_defs, sources = load_stdlib(reporter)
     sources[program.source.name] = program.source
-    lowerer = _Lowerer(reporter, folder=program.source.folder)
+    lowerer = _Lowerer(reporter, folder=program.source.folder, user_file=program.source.name)
     # A user's def may shadow a stdlib method of the same name.
     lowerer.defs = {**stdlib_defs, **_collect_defs(program, reporter, stdlib=False)}
 
@@ -471,7 +487,9 @@ def lower(program: ast.Program, reporter: Reporter | None = None) -> Lowered:
                 reporter.error(REDEFINED, f"`{name}` is the name of a function", st.name.span,
                                help="choose another name")
                 continue
+            lowerer.defining = name
             value = lowerer.expr(st.value, globals_, bind_as=name)
+            lowerer.defining = None
             globals_.values[name] = value
         elif isinstance(st, ast.Output):
             if st is outputs[0]:

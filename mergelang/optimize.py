@@ -19,6 +19,8 @@ class FoldError(Exception):
 
 
 def _fold_rule(node: Node) -> Node | None:
+    if node.op == "div" and _is(node.args[1], 0.0):
+        raise FoldError(node, "division by zero")
     spec = OPS.get(node.op)
     if spec is None or spec.random or spec.kind != "elementwise" or not node.args:
         return None
@@ -33,7 +35,7 @@ def _fold_rule(node: Node) -> Node | None:
 
 
 def fold(root: Node, spans: Spans | None = None) -> Node:
-    """Evaluate operations whose inputs are all constants.
+    """Evaluate operations whose inputs are all constants; a division by a constant 0 is an error.
 
     Before: mul(load ft, div(1, add(1, 1)))
     After:  mul(load ft, 0.5)

@@ -348,23 +348,16 @@ error[E006]: `p` of `dare` must be in [0, 1), got 1.2 (for `model.layers.1.input
   |                                  ^^^^^^^^^^^^^^^^ out of range"""]
 
 
-@pytest.mark.xfail(strict=True, reason="check.py groups range errors by op node; a dare whose p varies per "
-                                       "layer is several nodes, so one bad seed is reported once per group")
 def test_one_bad_parameter_is_one_diagnostic(family: Path):
     found = check_errors(family, "output base + dare(ft0 - base, p=layers(0.1, 0.2), seed=-1)\n")
     assert len(found) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="a divisor that folds to 0 only after lowering (`ft0 / (2 - 2)`) is "
-                                       "not reported: check.py reports FoldError only, and fold leaves "
-                                       "div(tensor, 0) alone, so the run writes inf")
 def test_division_by_a_folded_zero_is_an_error(family: Path):
     found = check_errors(family, "output base + ft0 / (2 - 2)\n")
     assert len(found) == 1 and "division by zero" in found[0] and "spec.ml:4:15" in found[0]
 
 
-@pytest.mark.xfail(strict=True, reason="a constant division by a folded zero is reported once per tensor "
-                                       "(21 diagnostics) and without a source position")
 def test_constant_division_by_zero_is_one_diagnostic_with_a_position(family: Path):
     found = check_errors(family, "output base + 1 / (2 - 2) * ft0\n")
     assert len(found) == 1 and "spec.ml:4:15" in found[0]
@@ -428,8 +421,6 @@ def test_explain_example_for_one_tensor(family: Path, monkeypatch):
     check_golden(GOLDEN / "explain" / "example_per_tensor_layer1_mlp.txt", text)
 
 
-@pytest.mark.xfail(strict=True, reason="explain lists each input's folder as the spec names it, even when "
-                                       "--model binds it to another folder (cli.py prints m.folder)")
 def test_explain_lists_the_folders_bound_with_model(family: Path, monkeypatch):
     args = ["examples/per_tensor.ml", "--tensor", "model.embed_tokens.weight", *_bind(family)]
     text = explain(args, REPO, family, monkeypatch)

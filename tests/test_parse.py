@@ -36,29 +36,7 @@ UPDATE = os.environ.get("MERGELANG_UPDATE_GOLDEN") == "1"
 # Error cases that lower.py does not report well yet. Each has no golden text, only the property the
 # report should have; when lower.py gains it, the case passes, strict xfail fails, and the case should
 # get a reviewed golden like the others (delete it here and run the update).
-XFAIL = {
-    "unknown_function": (
-        "a call to an undefined function is reported as `unknown name`, with the help `define it with "
-        "NAME = ...` when nothing is close; wanted `unknown function`",
-        lambda d: d.message == "unknown function `averge`" and d.help == "did you mean `avg`?",
-    ),
-    "unknown_keyword": (
-        "`dare(x, q=0.9)`: difflib finds no name close to `q`, so no suggestion; wanted `did you mean `p`?`, "
-        "the one required parameter left unset",
-        lambda d: d.message == "`dare` has no parameter `q`" and "did you mean `p`?" in (d.help or ""),
-    ),
-    "stdlib_list_length": (
-        "an error inside an inlined stdlib def points into the stdlib file, not at the user's call; wanted "
-        "the call in the spec, with a note giving the place inside the def",
-        lambda d: d.span.file == "stdlib_list_length.ml" and d.span.line == 4
-        and any("task_arithmetic.ml" in n for n in d.notes),
-    ),
-    "self_reference": (
-        "`base = model(base)` says `unknown name `base`` with the help `define it with NAME = ... before "
-        "this line`, though it is defined on this line; wanted: used in its own definition",
-        lambda d: "its own definition" in d.message,
-    ),
-}
+XFAIL: dict = {}
 
 
 def check_golden(path: Path, actual: str) -> None:
