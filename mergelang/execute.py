@@ -17,6 +17,7 @@ import torch
 
 from .check import Plan, TensorPlan
 from .io import DTYPES, ShardedWriter
+from .overlap import ReadAhead, WriteBehind
 from .graph import Node
 from .ops import OPS, KernelContext
 from .rng import derive_key
@@ -128,24 +129,46 @@ def evaluate_in_memory(tp: TensorPlan, inputs: dict[str, torch.Tensor], options:
     return torch.cat(parts).reshape(tp.shape) if parts else torch.empty(tp.shape)
 
 
+def _predicted_reads(plan: Plan, options: ExecOptions):
+    """The reads `execute` will make, in order: per tensor, per chunk, its region's loads."""
+    for tp in plan.tensors:
+        evaluator = TensorEvaluator(tp, None, options)
+        loads = [step.node.attr("model") for step in region(tp.graph) if step.node.op == "load"]
+        for r0, r1 in evaluator.chunks():
+            for model in loads:
+                yield model, tp.name, r0 * evaluator.row_size, r1 * evaluator.row_size
+
+
 def execute(plan: Plan, writer: ShardedWriter, options: ExecOptions,
             on_progress: Callable[[TensorPlan, int], None] | None = None) -> None:
-    """Compute every planned tensor and stream it into the writer."""
+    """Compute every planned tensor and stream it into the writer, reading ahead and writing behind."""
     device = torch.device(options.device)
-    for tp in plan.tensors:
-        shape = tp.shape if tp.shape else (1,)
-        row_size = math.prod(shape[1:])
+    pin = device.type == "cuda"
+    ahead = ReadAhead(_predicted_reads(plan, options), lambda m, t, a, b: plan.checkpoints[m].read(t, a, b))
+    behind = WriteBehind(writer.write)
+    try:
+        for tp in plan.tensors:
+            evaluator = TensorEvaluator(tp, None, options)
+            rest = tuple(evaluator.shape[1:])
 
-        def read(model: str, r0: int, r1: int, name=tp.name, shape=shape, row_size=row_size) -> torch.Tensor:
-            raw = plan.checkpoints[model].read(name, r0 * row_size, r1 * row_size)
-            chunk = raw.to(device=device, dtype=torch.float32, non_blocking=True)
-            return chunk.view((r1 - r0,) + tuple(shape[1:]))
+            def read(model: str, r0: int, r1: int, name=tp.name, row=evaluator.row_size, rest=rest):
+                raw = ahead.read(model, name, r0 * row, r1 * row)
+                if pin:
+                    raw = raw.pin_memory()
+                return raw.to(device=device, non_blocking=pin).to(torch.float32).view((r1 - r0,) + rest)
 
-        out_dtype = DTYPES[tp.dtype]
-        for start, values in TensorEvaluator(tp, read, options).output_chunks():
-            data = values.to(dtype=out_dtype).reshape(-1).to("cpu")
-            writer.write(tp.name, start, data.contiguous())
-            if on_progress:
-                on_progress(tp, data.numel() * out_dtype.itemsize)
-        if tp.numel == 0 and on_progress:
-            on_progress(tp, 0)
+            evaluator.read = read
+            out_dtype = DTYPES[tp.dtype]
+            for start, values in evaluator.output_chunks():
+                data = values.to(dtype=out_dtype).reshape(-1).to("cpu").contiguous()
+                behind.put(tp.name, start, data)
+                if on_progress:
+                    on_progress(tp, data.numel() * out_dtype.itemsize)
+            if tp.numel == 0 and on_progress:
+                on_progress(tp, 0)
+        behind.close()
+    except BaseException:
+        behind.abort()
+        raise
+    finally:
+        ahead.close()

@@ -1,0 +1,144 @@
+"""Overlap reads, compute and writes: a read-ahead thread and a write-behind thread.
+
+The executor's reads are predictable: for every tensor, for every chunk, each load of the
+tensor's region in schedule order. The read-ahead thread issues them in that order into a
+queue bounded in bytes; a request that is not the next one predicted (a reduction's extra
+passes) is read directly, leaving the queue as it is. Writes go through a bounded queue to a
+thread that pwrites them, so conversion and computation of the next chunk overlap the copy.
+pread/pwrite and torch ops release the GIL, so two threads do run at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+Request = tuple[str, str, int, int]  # (model, tensor, first element, end element)
+
+
+class ReadAhead:
+    def __init__(self, requests: Iterable[Request], read: Callable[[str, str, int, int], torch.Tensor],
+                 limit_bytes: int = 64 << 20):
+        self._read = read
+        self._limit = limit_bytes
+        self._queue: deque[tuple[Request, torch.Tensor]] = deque()
+        self._bytes = 0
+        self._done = False
+        self._stop = False
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, args=(iter(requests),), daemon=True,
+                                        name="mergelang-read-ahead")
+        self._thread.start()
+
+    def _run(self, requests: Iterator[Request]) -> None:
+        try:
+            for req in requests:
+                with self._cond:
+                    while self._bytes >= self._limit and not self._stop:
+                        self._cond.wait()
+                    if self._stop:
+                        return
+                data = self._read(*req)
+                with self._cond:
+                    self._queue.append((req, data))
+                    self._bytes += data.numel() * data.element_size()
+                    self._cond.notify_all()
+        except BaseException as e:  # re-raised in the reading thread by read()
+            with self._cond:
+                self._error = e
+        finally:
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
+
+    def read(self, model: str, tensor: str, start: int, stop: int) -> torch.Tensor:
+        req = (model, tensor, start, stop)
+        with self._cond:
+            while not self._queue and not self._done:
+                self._cond.wait()
+            if self._queue and self._queue[0][0] == req:
+                _, data = self._queue.popleft()
+                self._bytes -= data.numel() * data.element_size()
+                self._cond.notify_all()
+                return data
+            if self._error is not None and not self._queue:
+                raise self._error
+        return self._read(*req)
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._queue.clear()
+            self._cond.notify_all()
+        self._thread.join()
+
+
+class WriteBehind:
+    """Calls `write(*item)` on a thread, in order; `put` blocks while `limit_bytes` are pending."""
+
+    def __init__(self, write: Callable[[str, int, torch.Tensor], None], limit_bytes: int = 64 << 20):
+        self._write = write
+        self._limit = limit_bytes
+        self._queue: deque[tuple[str, int, torch.Tensor]] = deque()
+        self._bytes = 0
+        self._closing = False
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="mergelang-write-behind")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                item = self._queue[0]
+            try:
+                self._write(*item)
+            except BaseException as e:
+                with self._cond:
+                    self._error = e
+                    self._queue.clear()
+                    self._bytes = 0
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._queue.popleft()
+                self._bytes -= item[2].numel() * item[2].element_size()
+                self._cond.notify_all()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def put(self, name: str, start: int, data: torch.Tensor) -> None:
+        with self._cond:
+            while self._bytes >= self._limit and self._error is None:
+                self._cond.wait()
+            self._raise()
+            self._queue.append((name, start, data))
+            self._bytes += data.numel() * data.element_size()
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Wait for every pending write; re-raise a write's error here."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+        self._raise()
+
+    def abort(self) -> None:
+        with self._cond:
+            self._queue.clear()
+            self._bytes = 0
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
