@@ -106,12 +106,18 @@ def main():
 @click.option("--dtype", callback=_dtype, help="Output dtype (bf16, fp16, fp32); default: the base model's.")
 @click.option("--shard-size", default="5GB", show_default=True, callback=_size, help="Largest output shard.")
 @click.option("--device", default="cpu", show_default=True, help="Where to compute: cpu, cuda, cuda:1, ...")
+@click.option("-j", "--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores). "
+              "The output does not depend on it.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
-def run(spec, out, seed, models, dtype, shard_size, device, force, quiet, reporter):
+def run(spec, out, seed, models, dtype, shard_size, device, threads, force, quiet, reporter):
     """Merge: evaluate SPEC and write a Hugging Face checkpoint to OUTPUT."""
     _check_device(device)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     options = RunOptions(seed=seed, models=_parse_models(models), dtype=dtype, shard_size=shard_size,
                          device=device, force=force)
     plan = check(spec, options, reporter)

@@ -21,7 +21,7 @@ Request = tuple[str, str, int, int]  # (model, tensor, first element, end elemen
 
 class ReadAhead:
     def __init__(self, requests: Iterable[Request], read: Callable[[str, str, int, int], torch.Tensor],
-                 limit_bytes: int = 64 << 20):
+                 limit_bytes: int = 16 << 20):
         self._read = read
         self._limit = limit_bytes
         self._queue: deque[tuple[Request, torch.Tensor]] = deque()
@@ -80,7 +80,7 @@ class ReadAhead:
 class WriteBehind:
     """Calls `write(*item)` on a thread, in order; `put` blocks while `limit_bytes` are pending."""
 
-    def __init__(self, write: Callable[[str, int, torch.Tensor], None], limit_bytes: int = 64 << 20):
+    def __init__(self, write: Callable[[str, int, torch.Tensor], None], limit_bytes: int = 16 << 20):
         self._write = write
         self._limit = limit_bytes
         self._queue: deque[tuple[str, int, torch.Tensor]] = deque()

@@ -98,6 +98,13 @@ def test_same_seed_same_bytes_other_seed_differs(family, tmp_path):
     assert tree_digest(tmp_path / "a")["model.safetensors"] != tree_digest(tmp_path / "c")["model.safetensors"]
 
 
+def test_output_bytes_do_not_depend_on_threads(family, tmp_path):
+    spec = write_spec(family, CARD, "card.ml")
+    for name, threads in (("one", "1"), ("two", "2")):
+        assert invoke("run", str(spec), "-o", str(tmp_path / name), "--seed", "3", "-j", threads, "-q").exit_code == 0
+    assert tree_digest(tmp_path / "one") == tree_digest(tmp_path / "two")
+
+
 def test_sharded_input_and_output_round_trip(family, tmp_path):
     sharded = tmp_path / "in"
     make_tiny_llama(sharded / "base", seed=0, shard_size=20_000)
