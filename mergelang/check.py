@@ -109,7 +109,8 @@ class _Grouped:
         self.items: dict[tuple, list[str]] = defaultdict(list)
 
     def add(self, key: tuple, tensor: str) -> None:
-        self.items[key].append(tensor)
+        if tensor not in self.items[key][-1:]:
+            self.items[key].append(tensor)
 
 
 def _examples(tensors: list[str], n: int = 3) -> str:
@@ -181,9 +182,10 @@ def _plan_tensors(plan: Plan, out_dtype: str | None, reporter: Reporter) -> None
     for (graph,), tensors in not_tensor.items.items():
         reporter.error(TYPE, f"for {_examples(tensors)} the output is the number {graph!r}, not a tensor",
                        lowered.output_span, help="every output tensor must involve a model")
-    for (op, param, message, value, span), tensors in ranges.items.items():
+    for (op, param, message, value, span, note), tensors in ranges.items.items():
         where = "" if len(tensors) == len(ref.tensors) else f" (for {_examples(tensors)})"
-        reporter.error(RANGE, f"`{param}` of `{op}` {message}, got {value:g}{where}", span, label="out of range")
+        reporter.error(RANGE, f"`{param}` of `{op}` {message}, got {value:g}{where}", span, label="out of range",
+                       notes=(note,) if note else ())
     _warn_unused(plan, used_models, reporter)
 
 
@@ -229,7 +231,8 @@ def _check_params(graph: Node, tensor: str, lowered: Lowered, ranges) -> None:
 
     def report(n: Node, index: int, name: str, message: str) -> None:
         value = n.args[index].attr("value")
-        ranges.add((n.op, name, message, value, spans.arg(n, index) or spans.first(n)), tensor)
+        span, note = spans.arg(n, index)
+        ranges.add((n.op, name, message, value, span or spans.first(n), note), tensor)
 
     for n in walk(graph):
         spec = OPS.get(n.op)

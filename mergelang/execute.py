@@ -24,6 +24,9 @@ from .rng import derive_key
 from .schedule import is_leaf, region
 
 DEFAULT_CHUNK = 1 << 20  # elements
+# An elementwise value that several reductions (or a reduction and the output) consume is computed
+# once and kept whole when it fits this budget; beyond it, each consumer recomputes it chunk by chunk.
+MATERIALIZE_BYTES = 256 << 20
 
 Reader = Callable[[str, int, int], torch.Tensor]  # (model, first row, end row) → float chunk
 
@@ -45,6 +48,7 @@ class TensorEvaluator:
         self.rows = self.shape[0]
         self.row_size = math.prod(self.shape[1:])
         self.cache: dict[Node, torch.Tensor] = {}
+        self.cached_bytes = 0
 
     def chunks(self) -> Iterator[tuple[int, int]]:
         step = max(1, self.options.chunk // max(1, self.row_size))
@@ -56,8 +60,8 @@ class TensorEvaluator:
                              device=self.device)
 
     def rows_of(self, node: Node, r0: int, r1: int):
-        """Rows [r0, r1) of the value of node (computing it, or slicing a cached statistic)."""
-        steps = region(node)
+        """Rows [r0, r1) of the value of node (computing it, or slicing a cached value)."""
+        steps = region(node, frozenset(self.cache))
         values: dict[int, object] = {}
         ctx = self.context(r0)
         for i, step in enumerate(steps):
@@ -66,7 +70,7 @@ class TensorEvaluator:
                 values[i] = n.attr("value")
             elif n.op == "load":
                 values[i] = self.read(n.attr("model"), r0, r1)
-            elif is_leaf(n):
+            elif not step.inputs:  # a reduction, a tensor op, or a value kept whole
                 full = self.full(n)
                 values[i] = full if full.dim() == 0 else full[r0:r1]
             else:
@@ -91,6 +95,8 @@ class TensorEvaluator:
         inputs, constants = node.args[:n_in], [a.attr("value") for a in node.args[n_in:]]
         if spec.kind == "reduce":
             _, params = spec.bind([None] * n_in + constants)
+            for a in inputs:
+                self.keep_whole(a)
             reducer = spec.kernel(self.context(0), self.shape, **params)
             pass_ = 0
             while True:
@@ -106,10 +112,25 @@ class TensorEvaluator:
         self.cache[node] = value
         return value
 
+    def keep_whole(self, node: Node) -> None:
+        """Compute an elementwise value once, chunk by chunk, into a whole tensor that later passes
+        and consumers slice — when it fits the budget (a cheap value is not worth the memory)."""
+        if node in self.cache or is_leaf(node) or all(a.op in ("const", "load") for a in node.args):
+            return
+        nbytes = self.rows * self.row_size * 4
+        if self.cached_bytes + nbytes > MATERIALIZE_BYTES:
+            return
+        whole = torch.empty(self.shape, dtype=torch.float32, device=self.device)
+        for r0, r1 in self.chunks():
+            whole[r0:r1] = self.rows_of(node, r0, r1)
+        self.cache[node] = whole
+        self.cached_bytes += nbytes
+
     def _as_tensor(self, value, nrows: int) -> torch.Tensor:
-        if torch.is_tensor(value) and value.shape[:1] == (nrows,) and value.dim() == len(self.shape):
-            return value
+        """A chunk of nrows full rows: scalars and row-wise statistics are broadcast (without copying)."""
         shape = (nrows,) + tuple(self.shape[1:])
+        if torch.is_tensor(value) and tuple(value.shape) == shape:
+            return value
         return torch.as_tensor(value, dtype=torch.float32, device=self.device).expand(shape)
 
     def output_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:

@@ -155,13 +155,15 @@ class Spans:
 
     def __init__(self):
         self._spans: dict[Node, list[Span]] = defaultdict(list)
-        self._args: dict[tuple[Node, int], Span] = {}  # where an op's argument was written
+        # Where an op's argument was written, as the user should see it: inside an inlined stdlib
+        # def, the user's call, with a note naming the place inside the def.
+        self._args: dict[tuple[Node, int], tuple[Span, str | None]] = {}
 
-    def add_arg(self, node: Node, index: int, span: Span) -> None:
-        self._args.setdefault((node, index), span)
+    def add_arg(self, node: Node, index: int, span: Span, note: str | None = None) -> None:
+        self._args.setdefault((node, index), (span, note))
 
-    def arg(self, node: Node, index: int) -> Span | None:
-        return self._args.get((node, index))
+    def arg(self, node: Node, index: int) -> tuple[Span | None, str | None]:
+        return self._args.get((node, index), (None, None))
 
     def add(self, node: Node, span: Span | None) -> Node:
         if span is not None and span not in self._spans[node]:
@@ -183,7 +185,7 @@ class Spans:
             if old.op == new.op and len(old.args) == len(new.args):
                 for i in range(len(old.args)):
                     if (old, i) in self._args:
-                        self.add_arg(new, i, self._args[(old, i)])
+                        self.add_arg(new, i, *self._args[(old, i)])
 
 
 def _fmt_attr(v: Any) -> str:

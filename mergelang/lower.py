@@ -108,15 +108,22 @@ class _Lowerer:
             return "a function"
         return "a value"
 
-    def error(self, code: str, message: str, span: ast.Span, **kw) -> _Poison:
+    def user_site(self, span: ast.Span) -> tuple[ast.Span, str | None, str | None]:
+        """Where the user should look for `span`: itself in the spec, or for a place inside an inlined
+        stdlib def, the innermost call in the spec — with a note and the def's name."""
         if span is not None and span.file != self.user_file:
             sites = [(name, site) for name, site in self.call_stack if site.file == self.user_file]
             if sites:
                 name, site = sites[-1]
-                kw["notes"] = (f"inside `{name}`, at {span}",) + tuple(kw.get("notes", ()))
-                kw["label"] = f"in this call of `{name}`"
-                span = site
-        self.reporter.error(code, message, span, **kw)
+                return site, f"inside `{name}`, at {span}", name
+        return span, None, None
+
+    def error(self, code: str, message: str, span: ast.Span, **kw) -> _Poison:
+        site, note, name = self.user_site(span)
+        if note:
+            kw["notes"] = (note,) + tuple(kw.get("notes", ()))
+            kw["label"] = f"in this call of `{name}`"
+        self.reporter.error(code, message, site, **kw)
         return POISON
 
     # ---- expressions --------------------------------------------------------------------------
@@ -395,7 +402,8 @@ class _Lowerer:
         if spec.random:
             node = with_random_key(node)
         for i, s in enumerate(arg_spans):
-            self.spans.add_arg(node, len(inputs) + i, s)
+            site, note, _ = self.user_site(s)
+            self.spans.add_arg(node, len(inputs) + i, site, note)
         return self.spans.add(node, span)
 
     def per_input(self, spec: OpDef, p, v, s, n: int) -> Any:

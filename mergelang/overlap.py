@@ -1,9 +1,10 @@
 """Overlap reads, compute and writes: a read-ahead thread and a write-behind thread.
 
-The executor's reads are predictable: for every tensor, for every chunk, each load of the
-tensor's region in schedule order. The read-ahead thread issues them in that order into a
-queue bounded in bytes; a request that is not the next one predicted (a reduction's extra
-passes) is read directly, leaving the queue as it is. Writes go through a bounded queue to a
+The executor's reads are mostly predictable: for every tensor, for every chunk, each load of
+the tensor's region in schedule order. The read-ahead thread issues them in that order into a
+queue bounded in bytes. A request found in the queue drops the predictions before it (reads the
+executor did not need after all); one not in the queue (a reduction's extra passes) is read
+directly. Writes go through a bounded queue to a
 thread that pwrites them, so conversion and computation of the next chunk overlap the copy.
 pread/pwrite and torch ops release the GIL, so two threads do run at once.
 """
@@ -60,11 +61,13 @@ class ReadAhead:
         with self._cond:
             while not self._queue and not self._done:
                 self._cond.wait()
-            if self._queue and self._queue[0][0] == req:
-                _, data = self._queue.popleft()
-                self._bytes -= data.numel() * data.element_size()
-                self._cond.notify_all()
-                return data
+            if any(r == req for r, _ in self._queue):
+                while True:
+                    r, data = self._queue.popleft()
+                    self._bytes -= data.numel() * data.element_size()
+                    if r == req:
+                        self._cond.notify_all()
+                        return data
             if self._error is not None and not self._queue:
                 raise self._error
         return self._read(*req)
