@@ -63,6 +63,8 @@ def _simplify_rule(node: Node) -> Node | None:
         return a[0]
     if node.op == "dare" and _is(a[1], 0.0):  # keeps every entry, unscaled
         return a[0]
+    if node.op == "ifelse" and a[2].op == "const":  # a method's boolean option, known statically
+        return a[0] if a[2].attr("value") else a[1]
     return None
 
 
@@ -71,6 +73,8 @@ def simplify(root: Node, spans: Spans | None = None) -> Node:
 
     Before: avg(dare(mul(sub(load ft, load base), 1), p=0, seed=0))
     After:  sub(load ft, load base)
+    Before: ifelse(mul(x, l1_ratio(y, x)), x, cond=false)
+    After:  x
     """
     return rewrite(root, _simplify_rule, spans)
 
