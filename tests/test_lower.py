@@ -198,16 +198,20 @@ def test_inexact_rewrites_are_not_made(expr: str, kept: Node):
 # ---- the stdlib ---------------------------------------------------------------------------------
 
 
+def weighted(*args, weights, normalize=False):
+    return Node("weighted_sum", [*args, *map(c, weights), c(1.0 if normalize else 0.0)])
+
+
 def test_task_arithmetic_lowers_to_its_formula():
     out = output("output task_arithmetic(base, [ft0, ft1], weights=[0.3, 0.7])\n")
-    deltas = Node("sum", [mul(c(0.3), sub(FT0, BASE)), mul(c(0.7), sub(FT1, BASE))])
+    deltas = weighted(sub(FT0, BASE), sub(FT1, BASE), weights=[0.3, 0.7])
     assert out is add(BASE, mul(c(1), deltas))
     assert optimize(out) is add(BASE, deltas)
 
 
 def test_task_arithmetic_with_lambda():
     out = optimize(output("output task_arithmetic(base, [ft0], weights=[1], lambda=0.5)\n"))
-    assert out is add(BASE, mul(c(0.5), sub(FT0, BASE)))
+    assert out is add(BASE, mul(c(0.5), weighted(sub(FT0, BASE), weights=[1])))
 
 
 def test_task_arithmetic_rendered():
@@ -216,13 +220,11 @@ def test_task_arithmetic_rendered():
         "%0 = load base",
         "%1 = load ft0",
         "%2 = sub %1 %0",
-        "%3 = mul 0.3 %2",
-        "%4 = load ft1",
-        "%5 = sub %4 %0",
-        "%6 = mul 0.7 %5",
-        "%7 = sum %3 %6",
-        "%8 = add %0 %7",
-        "output = %8",
+        "%3 = load ft1",
+        "%4 = sub %3 %0",
+        "%5 = weighted_sum %2 %4 weights=[0.3, 0.7] normalize=false",
+        "%6 = add %0 %5",
+        "output = %6",
     ])
 
 

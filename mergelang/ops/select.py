@@ -1,21 +1,29 @@
-"""Order statistics of |x| over a whole tensor, streamed: an exact radix select on the float bits.
+"""Exact top-k by magnitude over a whole tensor, streamed: a radix select on the float bits.
 
-For non-negative floats the IEEE-754 bit pattern, read as an integer, orders like the value.
-|x| in float32 has the sign bit clear, so its pattern is a 31-bit integer. The value at a
-given rank is found in two passes over the chunks:
+Entries are ordered by magnitude, largest first; among equal magnitudes the entry with the
+lower (flat, row-major) index comes first. That total order has a 63-bit integer *rank key*:
 
-1. a histogram (torch.bincount) of the top 16 of those 31 bits locates the bin that holds
-   the rank, and how many larger values lie above it;
-2. a histogram of the low 15 bits of the values in that bin locates the exact pattern.
+    key(i) = (bits(|x_i|) << 32) | (2**32 - 1 - i)
 
-The answer is the element of that rank, bit for bit: the value `torch.kthvalue` returns for
-the matching ascending rank. Memory is two fixed histograms; work is O(n). The largest and
-smallest magnitude (ranks 1 and n) take a single pass. -0.0 and +0.0 are the same magnitude;
-a NaN counts as larger than +inf.
+where bits(|x_i|) is the IEEE-754 pattern of |x_i| in float32 (sign bit clear, so a 31-bit
+integer that orders like the value). A larger key ranks first, so "the top k entries" is
+exactly "key >= the key of the k-th entry": a single 0-d int64 statistic (a *cutoff*) that
+every chunk can compare against. Tensors of up to 2**32 entries are supported.
 
-A threshold keeps ties: `|x| >= topk_threshold(x, density)` keeps the top k entries *and* every
-entry equal in magnitude to the k-th, so it may keep a few more than k where magnitudes repeat
-(mergekit keeps exactly k, choosing among equal magnitudes by the order of an unstable sort).
+The k-th entry is found in two or three passes over the chunks:
+
+1. a histogram (torch.bincount) of the top 16 of the 31 magnitude bits locates the bin that
+   holds rank k, and how many larger magnitudes lie above it;
+2. a histogram of the low 15 bits of the entries in that bin gives the exact magnitude t of
+   rank k — the value `torch.kthvalue` returns for the matching ascending rank — and how many
+   of the entries equal to t rank before it;
+3. only when the entries equal to t straddle the cut (some kept, some not): a scan for the
+   flat index of the last one kept.
+
+Memory is two fixed histograms; work is O(n). So exactly k entries are kept, as in mergekit,
+whose choice among equal magnitudes follows an unstable sort; here the lower index wins, so the
+result does not depend on the device, the chunk size or the sort implementation. -0.0 and +0.0
+are the same magnitude; a NaN counts as larger than +inf.
 """
 
 from __future__ import annotations
@@ -28,109 +36,138 @@ from .registry import KernelContext, Param, in_range, op
 
 HIGH_BITS = 16  # bins of the first pass: 2**16
 LOW_BITS = 15  # bins of the second pass: 2**15 (31 magnitude bits in all)
+INDEX_BITS = 32
 _LOW_MASK = (1 << LOW_BITS) - 1
-_INF = float("inf")
+_INDEX_MASK = (1 << INDEX_BITS) - 1
+MAX_ENTRIES = 1 << INDEX_BITS
+KEEP_ALL = 0  # a cutoff below every key
+KEEP_NONE = (1 << 63) - 1  # a cutoff above every key
 
 
-def _magnitude_bits(x: torch.Tensor) -> torch.Tensor:
-    """The bit patterns of |x| in float32 as non-negative int64 (monotone in |x|)."""
-    return x.reshape(-1).to(torch.float32).abs().view(torch.int32).to(torch.int64)
+def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of |x| in float32, flattened, as int32 (non-negative, monotone in |x|)."""
+    return x.reshape(-1).to(torch.float32).view(torch.int32) & 0x7FFFFFFF
+
+
+def rank_keys(x: torch.Tensor, start: int) -> torch.Tensor:
+    """The rank key of each entry of x (flattened), whose first entry has flat index `start`."""
+    index = torch.arange(start, start + x.numel(), dtype=torch.int64, device=x.device)
+    return (magnitude_bits(x).to(torch.int64) << INDEX_BITS) | (_INDEX_MASK - index)
+
+
+def keep_mask(x: torch.Tensor, start: int, cutoff: int, bound: str) -> torch.Tensor:
+    """Booleans (flattened) for `rank key >= cutoff` (bound="lower") or `<= cutoff` ("upper"),
+    for the entries of a chunk whose first entry has flat index `start` — computed on the 32-bit
+    magnitudes, with the index compared only in a chunk that holds the cutoff's own entry."""
+    n = x.numel()
+    if cutoff == KEEP_ALL if bound == "lower" else cutoff == KEEP_NONE:
+        return torch.ones(n, dtype=torch.bool, device=x.device)
+    if cutoff == KEEP_NONE and bound == "lower":
+        return torch.zeros(n, dtype=torch.bool, device=x.device)
+    bits = magnitude_bits(x)
+    t, last = cutoff >> INDEX_BITS, key_index(cutoff)
+    lower = bound == "lower"
+    ties_kept = (last >= start + n - 1) if lower else (last <= start)
+    ties_dropped = (last < start) if lower else (last > start + n - 1)
+    if ties_kept:
+        return bits >= t if lower else bits <= t
+    if ties_dropped:
+        return bits > t if lower else bits < t
+    index = torch.arange(start, start + n, dtype=torch.int64, device=x.device)
+    tie_side = index <= last if lower else index >= last
+    return (bits > t if lower else bits < t) | ((bits == t) & tie_side)
+
+
+def key_magnitude(key: int) -> float:
+    """The magnitude part of a rank key, as a float."""
+    return torch.tensor([key >> INDEX_BITS], dtype=torch.int32).view(torch.float32).item()
+
+
+def key_index(key: int) -> int:
+    """The flat index part of a rank key."""
+    return _INDEX_MASK - (key & _INDEX_MASK)
 
 
 def _pick(hist: torch.Tensor, rank: int) -> tuple[int, int]:
     """The bin that holds the `rank`-th largest value (1-based) of a histogram, and the rank
     that value has within its bin."""
     from_top = hist.flip(0).cumsum(0)
-    j = int(torch.searchsorted(from_top, torch.tensor([rank], dtype=from_top.dtype, device=from_top.device)).item())
+    target = torch.tensor([rank], dtype=from_top.dtype, device=from_top.device)
+    j = int(torch.searchsorted(from_top, target).item())
     b = hist.numel() - 1 - j
     before = int(from_top[j].item()) - int(hist[b].item())
     return b, rank - before
 
 
-class MagnitudeRank:
-    """The magnitude of descending rank `rank` (1 = the largest |x|) among the n entries of a
-    tensor, streamed over its chunks: the reducer both primitives below are made of.
+class RankCutoff:
+    """The rank key of the entry of rank `rank` (1 = the largest |x|) of a tensor, streamed over its
+    chunks. `bound="lower"`: a cutoff that `key >= cutoff` keeps ranks 1..rank with; "upper": one
+    that `key <= cutoff` keeps ranks rank..n with. `rank=None`: no data needed, `fixed` is the result."""
 
-    `rank` may be None (the subclass's answer needs no data: `fixed` is returned after one pass).
-    """
-
-    def __init__(self, ctx: KernelContext, shape: tuple[int, ...], rank: int | None = None,
-                 fixed: float = 0.0):
+    def __init__(self, ctx: KernelContext, shape: tuple[int, ...], rank: int | None, bound: str = "lower",
+                 fixed: int = KEEP_ALL):
         self.device = ctx.device
         self.n = math.prod(shape)
-        self.rank = rank
-        self.fixed = fixed
-        self.value: float | None = None
+        if rank is not None and self.n > MAX_ENTRIES:
+            raise ValueError(f"exact top-k supports tensors of up to 2**32 entries, found {self.n}")
+        self.rank, self.bound, self.key = rank, bound, fixed
         self.hist = torch.zeros(1 << HIGH_BITS, dtype=torch.int64, device=self.device)
-        self.high = 0
-        self.rank_in_bin = 0
-        self.largest = -1  # bit patterns, for ranks 1 and n
-        self.smallest = 1 << 31
-
-    def _needs_histogram(self) -> bool:
-        return self.rank is not None and 1 < self.rank < self.n
+        self.high = self.rank_in_bin = self.bits = self.tie = 0
+        self.seen = 0  # entries scanned so far in the third pass
 
     def update(self, pass_: int, x: torch.Tensor) -> None:
         if self.rank is None or x.numel() == 0:
             return
-        bits = _magnitude_bits(x)
+        bits = magnitude_bits(x)
         if pass_ == 0:
-            if self._needs_histogram():
-                self.hist += torch.bincount(bits >> LOW_BITS, minlength=1 << HIGH_BITS)
-            else:
-                self.largest = max(self.largest, int(bits.max().item()))
-                self.smallest = min(self.smallest, int(bits.min().item()))
-        else:
+            self.hist += torch.bincount(bits >> LOW_BITS, minlength=1 << HIGH_BITS)
+        elif pass_ == 1:
             in_bin = bits[(bits >> LOW_BITS) == self.high]
             self.hist += torch.bincount(in_bin & _LOW_MASK, minlength=1 << LOW_BITS)
+        else:
+            start, self.seen = self.seen, self.seen + bits.numel()
+            if self.tie <= 0:
+                return  # found in an earlier chunk
+            ties = bits == self.bits
+            count = int(ties.sum().item())
+            if count >= self.tie:
+                index = start + int(torch.nonzero(ties)[self.tie - 1].item())
+                self.key = (self.bits << INDEX_BITS) | (_INDEX_MASK - index)
+            self.tie -= count
 
     def end_pass(self, pass_: int) -> bool:
         if self.rank is None or self.n == 0:
-            self.value = self.fixed if self.rank is None else 0.0
-            return True
-        if not self._needs_histogram():
-            self.value = _bits_to_float(self.largest if self.rank == 1 else self.smallest)
             return True
         if pass_ == 0:
             self.high, self.rank_in_bin = _pick(self.hist, self.rank)
             self.hist = torch.zeros(1 << LOW_BITS, dtype=torch.int64, device=self.device)
             return False
-        low, _ = _pick(self.hist, self.rank_in_bin)
-        self.value = _bits_to_float((self.high << LOW_BITS) | low)
+        if pass_ == 1:
+            low, self.tie = _pick(self.hist, self.rank_in_bin)  # the tie-th entry equal to t, by index
+            ties = int(self.hist[low].item())
+            self.bits = (self.high << LOW_BITS) | low
+            if self.bound == "lower" and self.tie == ties:  # every entry equal to t is kept
+                self.key = self.bits << INDEX_BITS
+                return True
+            if self.bound == "upper" and self.tie == 1:
+                self.key = (self.bits << INDEX_BITS) | _INDEX_MASK
+                return True
+            self.hist = None
+            return False
         return True
 
     def result(self) -> torch.Tensor:
-        return torch.tensor(self.value, dtype=torch.float32, device=self.device)
+        return torch.tensor(self.key, dtype=torch.int64, device=self.device)
 
 
-def _bits_to_float(bits: int) -> float:
-    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
-
-
-def kth_largest_magnitude(x: torch.Tensor, rank: int, chunk: int | None = None) -> torch.Tensor:
-    """The `rank`-th largest |x| (1-based) of a whole tensor, by the streaming radix select
-    (fed in chunks of `chunk` elements when given). For tests and direct use."""
-    flat = x.reshape(-1)
-    reducer = MagnitudeRank(KernelContext(device=x.device), (flat.numel(),), rank)
-    step = chunk or max(1, flat.numel())
-    pass_ = 0
-    while True:
-        for s in range(0, flat.numel(), step):
-            reducer.update(pass_, flat[s:s + step])
-        if reducer.end_pass(pass_):
-            return reducer.result()
-        pass_ += 1
-
-
-def topk_rank(n: int, density: float) -> int:
-    """How many entries `topk_threshold` keeps at least: mergekit's max(1, int(density * n))."""
+def topk_count(n: int, density: float) -> int:
+    """How many entries `topk_cutoff` keeps: mergekit's max(1, int(density * n)); all when density >= 1."""
     return n if density >= 1 else max(1, int(density * n))
 
 
-def band_ranks(n: int, density: float, gamma: float) -> tuple[int, int]:
-    """(skipped, kept) for `band_threshold`: the largest `skipped` magnitudes are cut as outliers
-    and the next `kept` are kept, as mergekit's magnitude_outliers: kept = int(density * n),
-    skipped = min(int(gamma * n), n - kept); density >= 1 keeps everything."""
+def band_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """(cut, kept) for `band_cutoff`, as mergekit's magnitude_outliers: kept = int(density * n),
+    cut = min(int(gamma * n), n - kept) largest entries dropped as outliers; density >= 1 keeps all."""
     if density >= 1:
         return 0, n
     kept = int(density * n)
@@ -138,24 +175,27 @@ def band_ranks(n: int, density: float, gamma: float) -> tuple[int, int]:
 
 
 @op(
-    "topk_threshold",
+    "topk_cutoff",
     1,
     (Param("density", check=in_range(0, 1, lo_open=True), doc="fraction of entries to keep"),),
     kind="reduce",
     tensor_inputs=True,
 )
-class TopkThreshold(MagnitudeRank):
-    """topk_threshold(x, density): the k-th largest |x| over the whole tensor, k = max(1, ⌊density·n⌋)
-    (n = number of entries; the rounding is mergekit's). `|x| >= topk_threshold(x, density)` keeps the
-    top k magnitudes and every entry tied with the k-th. density = 1 gives the smallest |x| (keeps all)."""
+class TopkCutoff(RankCutoff):
+    """topk_cutoff(x, density): the rank key of the k-th largest entry of x by magnitude, over the
+    whole tensor, k = max(1, ⌊density·n⌋) (mergekit's rounding); ties in magnitude go to the lower
+    index. `keep_top(x, topk_cutoff(x, density))` keeps exactly those k entries. density = 1 keeps all."""
 
     def __init__(self, ctx: KernelContext, shape: tuple[int, ...], *, density: float):
         n = math.prod(shape)
-        super().__init__(ctx, shape, topk_rank(n, density))
+        if density >= 1:
+            super().__init__(ctx, shape, None, fixed=KEEP_ALL)
+        else:
+            super().__init__(ctx, shape, topk_count(n, density))
 
 
 @op(
-    "band_threshold",
+    "band_cutoff",
     1,
     (
         Param("density", check=in_range(0, 1, lo_open=True), doc="fraction of entries to keep"),
@@ -165,23 +205,40 @@ class TopkThreshold(MagnitudeRank):
     kind="reduce",
     tensor_inputs=True,
 )
-class BandThreshold(MagnitudeRank):
-    """band_threshold(x, density, gamma=0.01, bound="lower"|"upper"): the ends of the magnitude band
+class BandCutoff(RankCutoff):
+    """band_cutoff(x, density, gamma=0.01, bound="lower"|"upper"): the ends of the band of magnitudes
     that Model Breadcrumbs keeps. With n entries, k = ⌊density·n⌋ and g = min(⌊gamma·n⌋, n − k)
-    (mergekit's magnitude_outliers): the g largest magnitudes are cut and the next k kept, i.e.
-    descending ranks g+1 … g+k. bound="lower" is the magnitude at rank g+k (+inf when k = 0:
-    nothing is kept); bound="upper" is the magnitude at rank g+1 (+inf when g = 0: no outlier cut).
-    density = 1 keeps everything (lower = the smallest |x|, upper = +inf), whatever gamma.
-    `keep_band(x, lower, upper)` then keeps the band and every entry tied with either end."""
+    (mergekit's magnitude_outliers), the g largest entries are cut as outliers and the next k kept:
+    ranks g+1 … g+k (ties in magnitude go to the lower index). bound="lower" is the rank key of rank
+    g+k, bound="upper" that of rank g+1, so `keep_band(x, lower, upper)` keeps exactly those k entries.
+    k = 0 keeps nothing; g = 0 cuts no outlier; density = 1 keeps everything, whatever gamma."""
 
     def __init__(self, ctx: KernelContext, shape: tuple[int, ...], *, density: float, gamma: float, bound: str):
         n = math.prod(shape)
-        skipped, kept = band_ranks(n, density, gamma)
-        if kept == 0:
-            super().__init__(ctx, shape, None, fixed=_INF)
-        elif bound == "lower":
-            super().__init__(ctx, shape, skipped + kept)
-        elif skipped == 0:
-            super().__init__(ctx, shape, None, fixed=_INF)
+        cut, kept = band_counts(n, density, gamma)
+        if bound == "lower":
+            if kept == 0:
+                super().__init__(ctx, shape, None, fixed=KEEP_NONE)
+            elif cut + kept == n:
+                super().__init__(ctx, shape, None, fixed=KEEP_ALL)
+            else:
+                super().__init__(ctx, shape, cut + kept, "lower")
+        elif cut == 0:
+            super().__init__(ctx, shape, None, fixed=KEEP_NONE)  # `key <= KEEP_NONE` holds for every key
         else:
-            super().__init__(ctx, shape, skipped + 1)
+            super().__init__(ctx, shape, cut + 1, "upper")
+
+
+def kth_largest_key(x: torch.Tensor, rank: int, bound: str = "lower", chunk: int | None = None) -> int:
+    """The rank key of the `rank`-th largest entry of x (1-based) by the streaming select, fed in
+    chunks of `chunk` entries when given. For tests and direct use."""
+    flat = x.reshape(-1)
+    reducer = RankCutoff(KernelContext(device=x.device), (flat.numel(),), rank, bound)
+    step = chunk or max(1, flat.numel())
+    pass_ = 0
+    while True:
+        for s in range(0, flat.numel(), step):
+            reducer.update(pass_, flat[s:s + step])
+        if reducer.end_pass(pass_):
+            return int(reducer.result().item())
+        pass_ += 1

@@ -1,0 +1,158 @@
+"""Exact top-k by magnitude (ops/select.py) against torch.kthvalue and a stable-sort reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mergelang.check import TensorPlan
+from mergelang.execute import ExecOptions, evaluate_in_memory
+from mergelang.graph import Node, const
+from mergelang.ops import OPS, KernelContext
+from mergelang.ops import select
+from mergelang.ops.select import band_counts, key_index, key_magnitude, kth_largest_key, rank_keys, topk_count
+
+X = Node("load", (), {"model": "x"})
+
+
+def reference_order(x: torch.Tensor) -> list[int]:
+    """Flat indices by descending |x|, equal magnitudes by ascending index (-0.0 equals +0.0)."""
+    a = x.reshape(-1).float().abs().tolist()
+    return sorted(range(len(a)), key=lambda i: (-a[i], i))
+
+
+def tensors() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    out = [
+        torch.randn(1000, generator=g),
+        torch.randint(-3, 4, (257,), generator=g).float(),  # many ties, zeros
+        torch.tensor([0.0, -0.0, 0.0, -0.0]),  # only zeros of both signs
+        torch.tensor([-0.0, 1.0, 0.0, -1.0, 1.0]),
+        torch.tensor([5.0]),
+        torch.tensor([-2.0, 2.0]),
+        torch.tensor([1e-45, -1e-45, 1e-40, 0.0, -3e-38]),  # subnormals
+        torch.tensor([math.inf, -math.inf, 1.0, -2.0, 3.4e38]),
+        (torch.randn(37, 29, generator=g) * 1e-3).to(torch.bfloat16).float(),  # bf16-quantized: ties
+    ]
+    return out
+
+
+@pytest.mark.parametrize("x", tensors(), ids=lambda t: f"n{t.numel()}")
+def test_magnitude_at_each_rank_is_kthvalue(x):
+    n = x.numel()
+    a = x.reshape(-1).abs()
+    order = reference_order(x)
+    ranks = sorted({1, 2, n // 3 + 1, n // 2 + 1, n - 1, n} & set(range(1, n + 1)))
+    for rank in ranks:
+        for chunk in (None, 1 if n < 10 else 7 if n < 300 else 97):
+            key = kth_largest_key(x, rank, chunk=chunk)
+            assert key_magnitude(key) == torch.kthvalue(a, n - rank + 1).values.item()
+            # the lower cutoff keeps exactly the first `rank` entries of the reference order
+            kept = (rank_keys(x, 0) >= key).nonzero().view(-1).tolist()
+            assert sorted(kept) == sorted(order[:rank]), (rank, chunk)
+            upper = kth_largest_key(x, rank, "upper", chunk=chunk)
+            kept = (rank_keys(x, 0) <= upper).nonzero().view(-1).tolist()
+            assert sorted(kept) == sorted(order[rank - 1:]), (rank, chunk)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=40), st.data())
+def test_property_select_matches_kthvalue(values, data):
+    x = torch.tensor(values, dtype=torch.float32)
+    n = x.numel()
+    rank = data.draw(st.integers(1, n))
+    key = kth_largest_key(x, rank, chunk=data.draw(st.sampled_from([None, 1, 3])))
+    assert key_magnitude(key) == torch.kthvalue(x.abs(), n - rank + 1).values.item()
+    kept = (rank_keys(x, 0) >= key).nonzero().view(-1).tolist()
+    assert sorted(kept) == sorted(reference_order(x)[:rank])
+
+
+def test_keys_order_by_magnitude_then_lower_index():
+    x = torch.tensor([[0.5, -1.0, 0.5], [-0.0, 1.0, 0.25]])
+    keys = rank_keys(x, 0)
+    assert torch.argsort(keys, descending=True).tolist() == [1, 4, 0, 2, 5, 3]
+    assert key_index(int(keys[4])) == 4 and key_magnitude(int(keys[4])) == 1.0
+    # a chunk's keys continue the whole tensor's indices
+    assert torch.equal(rank_keys(x.reshape(-1)[3:], 3), keys[3:])
+
+
+def passes(x: torch.Tensor, rank: int, bound: str = "lower") -> int:
+    reducer = select.RankCutoff(KernelContext(), (x.numel(),), rank, bound)
+    p = 0
+    while True:
+        reducer.update(p, x)
+        if reducer.end_pass(p):
+            return p + 1
+        p += 1
+
+
+def test_two_passes_unless_ties_straddle_the_cut():
+    distinct = torch.arange(1.0, 101.0)
+    assert passes(distinct, 30) == 2
+    ties = torch.tensor([3.0, 1.0, 2.0, 2.0, 2.0, 0.5])
+    # descending: 3, then the three 2s (indices 2, 3, 4), then 1 and 0.5
+    assert passes(ties, 4) == 2  # all three 2s are kept: no scan
+    assert passes(ties, 2) == 3  # one of the three 2s is kept: find its index
+    assert passes(ties, 3) == 3
+    assert passes(ties, 2, "upper") == 2  # rank 2 is the first 2: every 2 is at or below it
+    assert passes(ties, 3, "upper") == 3
+
+
+def run(graph: Node, x: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+    tp = TensorPlan("t.weight", graph, tuple(x.shape), "F32")
+    return evaluate_in_memory(tp, {"x": x}, ExecOptions(chunk=chunk))
+
+
+def keep_top(density: float) -> Node:
+    return Node("keep_top", [X, Node("topk_cutoff", [X, const(density)])])
+
+
+def keep_band(density: float, gamma: float) -> Node:
+    ends = [Node("band_cutoff", [X, const(density), const(gamma), const(float(i))]) for i in (0, 1)]
+    return Node("keep_band", [X, *ends])
+
+
+def expected_kept(x: torch.Tensor, first: int, last: int) -> torch.Tensor:
+    """x with only the entries of reference ranks first..last (1-based) kept."""
+    keep = torch.zeros(x.numel(), dtype=torch.bool)
+    keep[reference_order(x)[first - 1:last]] = True
+    return torch.where(keep.view(x.shape), x, torch.zeros(()))
+
+
+@pytest.mark.parametrize("x", tensors()[:4] + tensors()[-1:], ids=lambda t: f"n{t.numel()}")
+@pytest.mark.parametrize("density", [0.01, 0.3, 0.5, 0.99, 1.0])
+def test_keep_top_keeps_exactly_k_through_the_executor(x, density):
+    k = topk_count(x.numel(), density)
+    assert k == (x.numel() if density >= 1 else max(1, int(density * x.numel())))
+    want = expected_kept(x, 1, k)
+    for chunk in (1 << 20, 1 if x.numel() < 10 else 97):
+        got = run(keep_top(density), x, chunk)
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("x", tensors()[:2] + tensors()[-1:], ids=lambda t: f"n{t.numel()}")
+@pytest.mark.parametrize("density,gamma", [(0.5, 0.01), (0.3, 0.1), (0.9, 0.2), (0.001, 0.0), (1.0, 0.5)])
+def test_keep_band_keeps_ranks_after_the_outliers(x, density, gamma):
+    n = x.numel()
+    cut, kept = band_counts(n, density, gamma)
+    want = expected_kept(x, cut + 1, cut + kept)
+    for chunk in (1 << 20, 97):
+        assert torch.equal(run(keep_band(density, gamma), x, chunk), want)
+
+
+def test_band_with_no_outlier_cut_keeps_the_top():
+    """int(gamma * n) = 0: the band is the plain top k (mergekit before 0.1.5 kept nothing here)."""
+    x = torch.tensor([0.5, -0.25, 0.125, 1.0, 0.0, -2.0])
+    assert band_counts(6, 0.5, 0.01) == (0, 3)
+    assert run(keep_band(0.5, 0.01), x).tolist() == [0.5, 0.0, 0.0, 1.0, 0.0, -2.0]
+
+
+def test_registry_entries():
+    assert OPS["topk_cutoff"].kind == "reduce" and OPS["band_cutoff"].kind == "reduce"
+    assert OPS["topk_cutoff"].params[0].check(0.0) == "must be in (0, 1]"
+    assert OPS["band_cutoff"].param("gamma").check(1.5) == "must be in [0, 1]"
+    assert OPS["band_cutoff"].param("bound").choices == ("lower", "upper")
