@@ -107,6 +107,7 @@ class _Grouped:
 
     def __init__(self):
         self.items: dict[tuple, list[str]] = defaultdict(list)
+        self.notes: dict[tuple, str | None] = {}
 
     def add(self, key: tuple, tensor: str) -> None:
         if tensor not in self.items[key][-1:]:
@@ -182,8 +183,9 @@ def _plan_tensors(plan: Plan, out_dtype: str | None, reporter: Reporter) -> None
     for (graph,), tensors in not_tensor.items.items():
         reporter.error(TYPE, f"for {_examples(tensors)} the output is the number {graph!r}, not a tensor",
                        lowered.output_span, help="every output tensor must involve a model")
-    for (op, param, message, value, span, note), tensors in ranges.items.items():
+    for (op, param, message, value, span), tensors in ranges.items.items():
         where = "" if len(tensors) == len(ref.tensors) else f" (for {_examples(tensors)})"
+        note = ranges.notes.get((op, param, message, value, span))
         reporter.error(RANGE, f"`{param}` of `{op}` {message}, got {value:g}{where}", span, label="out of range",
                        notes=(note,) if note else ())
     _warn_unused(plan, used_models, reporter)
@@ -232,7 +234,9 @@ def _check_params(graph: Node, tensor: str, lowered: Lowered, ranges) -> None:
     def report(n: Node, index: int, name: str, message: str) -> None:
         value = n.args[index].attr("value")
         span, note = spans.arg(n, index)
-        ranges.add((n.op, name, message, value, span or spans.first(n), note), tensor)
+        key = (n.op, name, message, value, span or spans.first(n))
+        ranges.add(key, tensor)
+        ranges.notes.setdefault(key, note)  # one diagnostic per place, whichever def line it went through
 
     for n in walk(graph):
         spec = OPS.get(n.op)

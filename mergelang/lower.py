@@ -118,6 +118,10 @@ class _Lowerer:
                 return site, f"inside `{name}`, at {span}", name
         return span, None, None
 
+    def at(self, node: Node, span: ast.Span) -> Node:
+        """Record where node came from, as the user should see it (see user_site)."""
+        return self.spans.add(node, self.user_site(span)[0])
+
     def error(self, code: str, message: str, span: ast.Span, **kw) -> _Poison:
         site, note, name = self.user_site(span)
         if note:
@@ -130,7 +134,7 @@ class _Lowerer:
 
     def expr(self, e: ast.Node, scope: _Scope, bind_as: str | None = None) -> Any:
         if isinstance(e, ast.Number):
-            return self.spans.add(const(e.value), e.span)
+            return self.at(const(e.value), e.span)
         if isinstance(e, ast.String):
             return e.value
         if isinstance(e, ast.Bool):
@@ -193,7 +197,7 @@ class _Lowerer:
             return _ListV(tuple(self.arith(opname, list(args), spans, span) for args in zip(*rows)))
         if opname == "div" and values[1].op == "const" and values[1].attr("value") == 0:
             return self.error(ARITHMETIC, "division by zero", span, label="divides by 0")
-        return self.spans.add(Node(opname, values), span)
+        return self.at(Node(opname, values), span)
 
     def match(self, e: ast.Match, scope: _Scope) -> Any:
         patterns, values = [], []
@@ -222,7 +226,7 @@ class _Lowerer:
         for v, s in values:
             if not isinstance(v, Node):
                 return self.error(TYPE, f"a match arm must be a number or a tensor, found {self.describe(v)}", s)
-        return self.spans.add(Node("match", [v for v, _ in values], {"patterns": tuple(patterns)}), span)
+        return self.at(Node("match", [v for v, _ in values], {"patterns": tuple(patterns)}), span)
 
     # ---- calls --------------------------------------------------------------------------------
 
@@ -264,7 +268,7 @@ class _Lowerer:
         key = bind_as or path_text
         if key not in self.inputs:
             self.inputs[key] = InputModel(key, path_text, (self.folder / path_text), e.span)
-        return self.spans.add(Node("load", (), {"model": key}), e.span)
+        return self.at(Node("load", (), {"model": key}), e.span)
 
     def layers(self, e: ast.Call, args, kwargs) -> Any:
         if kwargs:
@@ -276,7 +280,7 @@ class _Lowerer:
         for a, s in zip(args, e.args):
             if not isinstance(a, Node) or self.is_tensor(a):
                 return self.error(TYPE, f"`layers` values must be numbers, found {self.describe(a)}", s.span)
-        return self.spans.add(Node("layers", args), e.span)
+        return self.at(Node("layers", args), e.span)
 
     def call_def(self, d: ast.Def, e: ast.Call, args, kwargs) -> Any:
         names = [p.name for p in d.params]
@@ -308,7 +312,7 @@ class _Lowerer:
         finally:
             self.call_stack.pop()
         if isinstance(value, Node):
-            self.spans.add(value, e.span)
+            self.at(value, e.span)
         return value
 
     def call_op(self, spec: OpDef, e: ast.Call, args, kwargs) -> Any:
@@ -404,7 +408,7 @@ class _Lowerer:
         for i, s in enumerate(arg_spans):
             site, note, _ = self.user_site(s)
             self.spans.add_arg(node, len(inputs) + i, site, note)
-        return self.spans.add(node, span)
+        return self.at(node, span)
 
     def per_input(self, spec: OpDef, p, v, s, n: int) -> Any:
         if not isinstance(v, _ListV):

@@ -7,6 +7,8 @@ bits as the original (so no `x + 0 → x`, which turns -0.0 into +0.0, and no `x
 
 from __future__ import annotations
 
+import math
+
 from .graph import Node, Spans, const, rewrite
 from .ops import OPS, KernelContext
 
@@ -44,7 +46,9 @@ def fold(root: Node, spans: Spans | None = None) -> Node:
 
 
 def _is(node: Node, value: float) -> bool:
-    return node.op == "const" and node.attr("value") == value
+    """node is the constant `value`, sign of zero included (x - (-0.0) is x + 0.0, not x)."""
+    return node.op == "const" and node.attr("value") == value and \
+        math.copysign(1.0, node.attr("value")) == math.copysign(1.0, value)
 
 
 def _simplify_rule(node: Node) -> Node | None:
