@@ -68,39 +68,54 @@ def reference_draw(key: int, index: int) -> int:
     return x ^ (x >> 16)
 
 
-def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int32 values."""
-    return (x >> s) & ((1 << (32 - s)) - 1)
+# Draws are computed in blocks that fit a core's L2 cache, with in-place integer ops: the mixer is
+# a dozen passes over its block, so keeping the block in cache makes it ~2x faster than whole chunks.
+BLOCK = 1 << 18
 
 
-def _draws_block(key: int, start: int, count: int, device) -> torch.Tensor:
-    """Draws (as int32 bit patterns) for a range that does not cross a multiple of 2^32."""
-    k0, k1 = _round_keys(key, start >> 32)
-    low = start & MASK32
-    x = torch.arange(_i32(low), _i32(low) + count, dtype=torch.int64, device=device).to(torch.int32)
+def _mix_block(x: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
+    """In place: the keyed mixer on int32 lanes holding the low 32 bits of element indices."""
     x ^= _i32(k0)
-    x ^= _srl(x, 16)
+    t = x >> 16
+    t &= 0xFFFF  # logical shift: clear the copies of the sign bit
+    x ^= t
     x *= _i32(M1)
-    x ^= _srl(x, 15) ^ _i32(k1)
+    torch.bitwise_right_shift(x, 15, out=t)
+    t &= 0x1FFFF
+    t ^= _i32(k1)
+    x ^= t
     x *= _i32(M2)
-    x ^= _srl(x, 16)
+    torch.bitwise_right_shift(x, 16, out=t)
+    t &= 0xFFFF
+    x ^= t
     return x
+
+
+def _blocks(start: int, count: int):
+    """(offset in the output, first index, length): blocks of at most BLOCK that never cross a
+    multiple of 2^31 (so the int32 lanes of a block are one arange) nor of 2^32 (one key)."""
+    pos, end = start, start + count
+    while pos < end:
+        stop = min(end, pos + BLOCK, ((pos >> 31) + 1) << 31)
+        yield pos - start, pos, stop - pos
+        pos = stop
+
+
+def _signed_draws(key: int, start: int, count: int, device, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The draws' 32-bit patterns as int32, for elements start .. start+count-1."""
+    out = torch.empty(count, dtype=torch.int32, device=device) if out is None else out
+    for offset, first, n in _blocks(start, count):
+        k0, k1 = _round_keys(key, first >> 32)
+        low = _i32(first & MASK32)
+        block = out[offset:offset + n]
+        torch.arange(low, low + n, dtype=torch.int32, device=device, out=block)
+        _mix_block(block, k0, k1)
+    return out
 
 
 def draws(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Uniform 32-bit draws for elements start .. start+count-1, as int64 values in [0, 2^32)."""
     return _signed_draws(key, start, count, device).to(torch.int64) & MASK32
-
-
-def _signed_draws(key: int, start: int, count: int, device) -> torch.Tensor:
-    parts, pos, end = [], start, start + count
-    while pos < end:
-        stop = min(end, ((pos >> 32) + 1) << 32)
-        parts.append(_draws_block(key, pos, stop - pos, device))
-        pos = stop
-    if not parts:
-        return torch.empty(0, dtype=torch.int32, device=device)
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def threshold(keep_probability: float) -> int:
@@ -113,5 +128,11 @@ def keep_mask(key: int, start: int, count: int, keep_probability: float, device=
     limit = threshold(keep_probability)
     if limit >= 1 << DRAW_BITS:
         return torch.ones(count, dtype=torch.bool, device=device)
-    # Unsigned comparison on int32: flipping the sign bit maps unsigned order onto signed order.
-    return (_signed_draws(key, start, count, device) ^ _i32(1 << 31)) < _i32(limit ^ (1 << 31))
+    out = torch.empty(count, dtype=torch.bool, device=device)
+    scratch = torch.empty(min(count, BLOCK), dtype=torch.int32, device=device)
+    for offset, first, n in _blocks(start, count):
+        block = _signed_draws(key, first, n, device, out=scratch[:n])
+        # Unsigned comparison on int32: flipping the sign bit maps unsigned order onto signed order.
+        block ^= _i32(1 << 31)
+        torch.lt(block, _i32(limit ^ (1 << 31)), out=out[offset:offset + n])
+    return out
