@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .fast import select, zero_unless
 from .registry import KernelContext, Param, op
 
 ZERO_SUM = 1e-8  # mergekit: a weight sum smaller than this in magnitude is not divided by
@@ -80,16 +81,15 @@ def disjoint_merge(ctx: KernelContext, *xs, weights: list[float], normalize: boo
         score = torch.sign(d[0])
         for v in d[1:]:
             score = score + torch.sign(v)
-    elected = torch.where(score >= 0, 1.0, -1.0)
+    elected = select(score >= 0, 1.0, -1.0)
     total = divisor = None
-    zero = torch.zeros((), dtype=torch.float32, device=elected.device)
     for v, w in zip(d, weights):
         agree = torch.sign(v) == elected
-        term = torch.where(agree, v, zero)
+        term = zero_unless(agree, v)
         total = term if total is None else total + term
         if normalize:
-            share = torch.where(agree, torch.tensor(w, dtype=torch.float32, device=zero.device), zero)
+            share = zero_unless(agree, torch.tensor(w, dtype=torch.float32, device=v.device))
             divisor = share if divisor is None else divisor + share
     if normalize:
-        total = total / torch.where(divisor == 0, 1.0, divisor)
+        total = total / select(divisor == 0, 1.0, divisor)
     return total

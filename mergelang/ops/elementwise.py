@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import rng
+from .fast import zero_unless
 from .registry import KernelContext, Param, in_range, non_negative_int, op
 
 
@@ -74,4 +75,4 @@ def dare(ctx: KernelContext, x, *, p: float, seed: int):
     if p == 0:
         return x
     keep = rng.keep_mask(ctx.key, ctx.start, x.numel(), 1.0 - p, device=x.device).view(x.shape)
-    return torch.where(keep, x / (1.0 - p), torch.zeros((), dtype=x.dtype, device=x.device))
+    return zero_unless(keep, x / (1.0 - p))

@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import select
+from . import fast, select
 from .registry import KernelContext, Param, in_range, op
 
 _FLOAT = torch.float32
@@ -71,9 +71,9 @@ def where(ctx: KernelContext, cond, a, b):
     if _is_number(cond):
         return a if cond != 0 else b
     if _is_number(a) and _is_number(b):
-        return torch.where(cond != 0, torch.tensor(float(a), dtype=_FLOAT, device=cond.device),
+        return fast.select(cond != 0, torch.tensor(float(a), dtype=_FLOAT, device=cond.device),
                            torch.tensor(float(b), dtype=_FLOAT, device=cond.device))
-    return torch.where(cond != 0, a, b)
+    return fast.select(cond != 0, a, b)
 
 
 def _clamp_check(params: dict) -> list[tuple[str, str]]:

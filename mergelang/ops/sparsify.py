@@ -19,14 +19,11 @@ import torch
 
 from .. import rng
 from . import select  # also registers topk_cutoff and band_cutoff
+from .fast import zero_unless
 from .registry import KernelContext, Param, in_range, non_negative_int, op
 
 EPS_NORM = 1e-7  # mergekit's tolerance for "the norm is zero" when rescaling
 MAGPRUNE_BLOCK = 1 << 20  # elements per block when ranking rows
-
-
-def _zero(x: torch.Tensor) -> torch.Tensor:
-    return torch.zeros((), dtype=x.dtype, device=x.device)
 
 
 @op("keep_top", 2, tensor_inputs=True)
@@ -35,7 +32,7 @@ def keep_top(ctx: KernelContext, x, cutoff):
     select.py) is >= cutoff, else 0. With cutoff = topk_cutoff(x, density) this is TIES's trim:
     exactly the k largest magnitudes."""
     keep = select.keep_mask(x, ctx.start, int(cutoff), "lower").view(x.shape)
-    return torch.where(keep, x, _zero(x))
+    return zero_unless(keep, x)
 
 
 @op("keep_band", 3, tensor_inputs=True)
@@ -43,7 +40,7 @@ def keep_band(ctx: KernelContext, x, lower, upper):
     """keep_band(x, lower, upper): x where lower <= rank key <= upper, else 0. With the two ends from
     band_cutoff this is Model Breadcrumbs' sparsification: outliers and small entries dropped."""
     keep = select.keep_mask(x, ctx.start, int(lower), "lower") & select.keep_mask(x, ctx.start, int(upper), "upper")
-    return torch.where(keep.view(x.shape), x, _zero(x))
+    return zero_unless(keep.view(x.shape), x)
 
 
 @op(
@@ -63,7 +60,7 @@ def keep_random(ctx: KernelContext, x, *, density: float, seed: int):
     if density >= 1:
         return x
     keep = rng.keep_mask(ctx.key, ctx.start, x.numel(), density, device=x.device).view(x.shape)
-    return torch.where(keep, x, _zero(x))
+    return zero_unless(keep, x)
 
 
 def magprune_probabilities(magnitudes: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -134,7 +131,7 @@ def magprune(ctx: KernelContext, x, *, density: float, epsilon: float, seed: int
         p = magprune_probabilities(block.abs(), density, epsilon)
         limits = _limits(p)
         draws = rng.draws(ctx.key, r0 * row_size, block.numel(), device=block.device).view(block.shape)
-        out[r0:r0 + step] = torch.where(draws < limits, block, _zero(block))
+        out[r0:r0 + step] = zero_unless(draws < limits, block)
     return out.view(shape)
 
 
