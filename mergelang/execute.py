@@ -23,7 +23,7 @@ from .ops import OPS, KernelContext
 from .rng import derive_key
 from .schedule import is_leaf, region
 
-DEFAULT_CHUNK = 1 << 20  # elements
+DEFAULT_CHUNK = 1 << 18  # elements: 1 MB of float32, fits a core's L2 cache
 # An elementwise value that several reductions (or a reduction and the output) consume is computed
 # once and kept whole when it fits this budget; beyond it, each consumer recomputes it chunk by chunk.
 MATERIALIZE_BYTES = 256 << 20
@@ -114,8 +114,8 @@ class TensorEvaluator:
 
     def keep_whole(self, node: Node) -> None:
         """Compute an elementwise value once, chunk by chunk, into a whole tensor that later passes
-        and consumers slice — when it fits the budget (a cheap value is not worth the memory)."""
-        if node in self.cache or is_leaf(node) or all(a.op in ("const", "load") for a in node.args):
+        and consumers slice, when it fits the budget (else each pass recomputes it from its inputs)."""
+        if node in self.cache or is_leaf(node):
             return
         nbytes = self.rows * self.row_size * 4
         if self.cached_bytes + nbytes > MATERIALIZE_BYTES:
