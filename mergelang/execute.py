@@ -18,7 +18,7 @@ import torch
 from .check import Plan, TensorPlan
 from .io import DTYPES, ShardedWriter
 from .overlap import ReadAhead, WriteBehind
-from .graph import Node
+from .graph import Node, walk
 from .ops import OPS, KernelContext
 from .rng import derive_key
 from .schedule import is_leaf, region
@@ -87,17 +87,19 @@ class TensorEvaluator:
         return spec.kernel(ctx, *inputs, **params)
 
     def full(self, node: Node) -> torch.Tensor:
-        """The whole value of a reduce or tensor node (cached for this tensor)."""
+        """The whole value of a reduce, model or tensor node (cached for this tensor)."""
         if node in self.cache:
             return self.cache[node]
         spec = OPS[node.op]
         n_in, _ = spec.layout(len(node.args))
         inputs, constants = node.args[:n_in], [a.attr("value") for a in node.args[n_in:]]
-        if spec.kind == "reduce":
+        if spec.kind in ("reduce", "model"):
             _, params = spec.bind([None] * n_in + constants)
             for a in inputs:
                 self.keep_whole(a)
-            reducer = spec.kernel(self.context(0), self.shape, **params)
+            # A model statistic not computed beforehand (evaluating one tensor alone) covers this tensor.
+            size = self.shape if spec.kind == "reduce" else self.rows * self.row_size
+            reducer = spec.kernel(self.context(0), size, **params)
             pass_ = 0
             while True:
                 for r0, r1 in self.chunks():
@@ -178,26 +180,69 @@ def _predicted_reads(plan: Plan, options: ExecOptions):
                 yield model, tp.name, r0 * evaluator.row_size, r1 * evaluator.row_size
 
 
+def _reader(plan: Plan, tp: TensorPlan, evaluator: "TensorEvaluator", device: torch.device,
+            read_raw: Callable[[str, str, int, int], torch.Tensor]) -> Reader:
+    """Rows [r0, r1) of this tensor in a model, as float32 on the device."""
+    pin = device.type == "cuda"
+    rest, row = tuple(evaluator.shape[1:]), evaluator.row_size
+
+    def read(model: str, r0: int, r1: int) -> torch.Tensor:
+        raw = read_raw(model, tp.name, r0 * row, r1 * row)
+        if pin:
+            raw = raw.pin_memory()
+        return raw.to(device=device, non_blocking=pin).to(torch.float32).view((r1 - r0,) + rest)
+
+    return read
+
+
+def model_statistics(plan: Plan, options: ExecOptions) -> dict[Node, torch.Tensor]:
+    """Every `model`-kind statistic, over all the tensors whose graph holds it, before any is written.
+
+    Graphs are interned and loads do not name tensors, so the same expression in every tensor's
+    graph is one node: its tensors are the ones it is computed over.
+    """
+    groups: dict[Node, list[TensorPlan]] = {}
+    for tp in plan.tensors:
+        for n in walk(tp.graph):
+            if n.op in OPS and OPS[n.op].kind == "model":
+                groups.setdefault(n, []).append(tp)
+    device = torch.device(options.device)
+    values: dict[Node, torch.Tensor] = {}
+    for node, tensors in groups.items():
+        spec = OPS[node.op]
+        n_in, _ = spec.layout(len(node.args))
+        _, params = spec.bind([None] * n_in + [a.attr("value") for a in node.args[n_in:]])
+        (source,) = node.args[:n_in]
+        reducer = spec.kernel(KernelContext(device=device), sum(tp.numel for tp in tensors), **params)
+        pass_ = 0
+        while True:
+            for tp in tensors:
+                evaluator = TensorEvaluator(tp, None, options)
+                evaluator.read = _reader(plan, tp, evaluator, device,
+                                         lambda m, t, a, b: plan.checkpoints[m].read(t, a, b))
+                for r0, r1 in evaluator.chunks():
+                    reducer.update(pass_, evaluator._as_tensor(evaluator.rows_of(source, r0, r1), r1 - r0))
+            if reducer.end_pass(pass_):
+                break
+            pass_ += 1
+        values[node] = reducer.result()
+    return values
+
+
 def execute(plan: Plan, writer: ShardedWriter, options: ExecOptions,
             on_progress: Callable[[TensorPlan, int], None] | None = None) -> None:
-    """Compute every planned tensor and stream it into the writer, reading ahead and writing behind."""
+    """Compute every planned tensor and stream it into the writer, reading ahead and writing behind.
+    Whole-model statistics come first, in passes over every tensor they cover."""
     keep_freed_memory_mapped()
     device = torch.device(options.device)
-    pin = device.type == "cuda"
+    whole_model = model_statistics(plan, options)
     ahead = ReadAhead(_predicted_reads(plan, options), lambda m, t, a, b: plan.checkpoints[m].read(t, a, b))
     behind = WriteBehind(writer.write)
     try:
         for tp in plan.tensors:
             evaluator = TensorEvaluator(tp, None, options)
-            rest = tuple(evaluator.shape[1:])
-
-            def read(model: str, r0: int, r1: int, name=tp.name, row=evaluator.row_size, rest=rest):
-                raw = ahead.read(model, name, r0 * row, r1 * row)
-                if pin:
-                    raw = raw.pin_memory()
-                return raw.to(device=device, non_blocking=pin).to(torch.float32).view((r1 - r0,) + rest)
-
-            evaluator.read = read
+            evaluator.read = _reader(plan, tp, evaluator, device, ahead.read)
+            evaluator.cache.update({n: v for n, v in whole_model.items()})
             out_dtype = DTYPES[tp.dtype]
             for start, values in evaluator.output_chunks():
                 data = values.to(dtype=out_dtype).reshape(-1).to("cpu").contiguous()

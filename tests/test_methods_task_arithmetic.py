@@ -481,3 +481,51 @@ def test_valid_calls_check_clean(fam):
                     "output linear([t, d], weights=[1, 1])\n")
     result = CliRunner().invoke(main, ["check", str(path)])
     assert result.exit_code == 0, result.output
+
+
+# ---- whole-model top-k (the TIES paper's trim) ----------------------------------------------------
+
+
+def _global_reference(deltas: list[torch.Tensor], density: float) -> list[torch.Tensor]:
+    """MergeLM's mask_smallest_magnitude_param_values on one model: kthvalue over all its entries."""
+    flat = torch.cat([d.reshape(-1) for d in deltas])
+    k = int(flat.numel() * (1 - density))
+    t = flat.abs().kthvalue(k).values if k > 0 else torch.tensor(0.0)
+    return [torch.where(d.abs() >= t, d, torch.zeros(())) for d in deltas]
+
+
+def test_model_magnitude_threshold_spans_every_tensor(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    base = {"a.weight": torch.randn(6, 5, generator=gen), "b.weight": torch.randn(4, generator=gen) * 3}
+    ft = {k: v + torch.randn(v.shape, generator=gen) * (0.1 if k == "a.weight" else 1.0) for k, v in base.items()}
+    out = run_tensors('base = model("base")\nft = model("ft")\n'
+                      'output base + keep_at_least(ft - base, model_magnitude_threshold(ft - base, density=0.3))\n',
+                      {"base": base, "ft": ft}, tmp_path)
+    deltas = [ft[k] - base[k] for k in base]
+    for name, expected in zip(base, _global_reference(deltas, 0.3)):
+        assert torch.equal(out[name], base[name] + expected), name
+    # Per tensor, `b` (large deltas) would keep 30% of its entries; over the model it keeps more.
+    kept_b = (out["b.weight"] != base["b.weight"]).sum().item()
+    assert kept_b > int(0.3 * 4)
+
+
+def test_ties_global_topk_by_hand(tmp_path):
+    base = {"w": torch.zeros(2, 3), "v": torch.zeros(2)}
+    a = {"w": torch.tensor([[0.1, -0.4, 0.3], [0.0, 0.2, -0.05]]), "v": torch.tensor([0.5, -0.01])}
+    b = {"w": torch.tensor([[-0.2, -0.1, 0.3], [0.6, 0.0, 0.05]]), "v": torch.tensor([0.02, 0.3])}
+    out = run_tensors('base = model("base")\na = model("a")\nb = model("b")\n'
+                      'output ties(base, [a, b], weights=[1, 1], density=0.5, global_topk=true)\n',
+                      {"base": base, "a": a, "b": b}, tmp_path)
+    # a's 8 magnitudes: .1 .4 .3 0 .2 .05 .5 .01; k = 4 smallest -> threshold .1: keep .1 .4 .3 .2 .5
+    # b's: .2 .1 .3 .6 0 .05 .02 .3; threshold (4th smallest) .1: keep .2 .1 .3 .6 .3
+    # trimmed a: w [[.1, -.4, .3], [0, .2, 0]], v [.5, 0]; trimmed b: w [[-.2, -.1, .3], [.6, 0, 0]], v [0, .3]
+    # Sign election by the sum (w[0,0]: .1 - .2 < 0 elects -), then the mean of the agreeing entries.
+    expected_w = torch.tensor([[-0.2, (-0.4 - 0.1) / 2, 0.3], [0.6, 0.2, 0.0]])
+    expected_v = torch.tensor([0.5, 0.3])
+    assert torch.allclose(out["w"], expected_w, rtol=0, atol=1e-7)
+    assert torch.allclose(out["v"], expected_v, rtol=0, atol=1e-7)
+    # Per tensor (mergekit), `v` of b would keep its larger entry only: the same here, but w differs.
+    per_tensor = run_tensors('base = model("base")\na = model("a")\nb = model("b")\n'
+                             'output ties(base, [a, b], weights=[1, 1], density=0.5)\n',
+                             {"base": base, "a": a, "b": b}, tmp_path / "per_tensor")
+    assert not torch.equal(per_tensor["w"], out["w"])

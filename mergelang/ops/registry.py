@@ -12,6 +12,10 @@ Three kinds of op, by what they need to see of a tensor:
   0-d tensor or a row-wise tensor of shape (rows, 1, ...) that broadcasts against chunks.
 - tensor: `kernel(ctx, *inputs, **params)` on whole tensors (materialized in float32); returns a
   tensor of the output's shape, or a statistic as above. For ops that cannot stream.
+- model: a statistic over every tensor of the model (all output tensors whose graph holds this
+  node). A Reducer as for `reduce`, made with `Reducer(ctx, total_entries, **params)` and updated
+  with the chunks of all those tensors in plan order; its 0-d result is computed before any tensor
+  is written.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ class OpDef:
     inputs: int | None  # number of inputs; None: variadic (one or more, or a single list)
     params: tuple[Param, ...]
     kernel: Callable
-    kind: str = "elementwise"  # elementwise | reduce | tensor
+    kind: str = "elementwise"  # elementwise | reduce | tensor | model
     random: bool = False
     tensor_inputs: bool = False  # inputs must be tensors, not scalars
     doc: str = ""

@@ -242,3 +242,59 @@ def kth_largest_key(x: torch.Tensor, rank: int, bound: str = "lower", chunk: int
         if reducer.end_pass(pass_):
             return int(reducer.result().item())
         pass_ += 1
+
+
+# ---- whole-model selection ------------------------------------------------------------------------
+
+
+@op(
+    "model_magnitude_threshold",
+    1,
+    (Param("density", check=in_range(0, 1, lo_open=True), doc="fraction of the model's entries to keep"),),
+    kind="model",
+    tensor_inputs=True,
+)
+class ModelMagnitudeThreshold:
+    """model_magnitude_threshold(x, density): the magnitude t such that |x| >= t keeps the top `density`
+    of x's entries over EVERY tensor of the model, not per tensor — the TIES paper's trim, as MergeLM
+    computes it: t is the k-th smallest |x| with k = ⌊(1 - density)·N⌋ over all N entries, and entries
+    equal to t are kept. density = 1 (k = 0) keeps everything.
+
+    A statistic of the whole model: the executor runs it over all tensors (two histogram passes of
+    the float bits, as topk_cutoff does per tensor) before it writes any tensor."""
+
+    def __init__(self, ctx: KernelContext, total: int, *, density: float):
+        self.device = ctx.device
+        self.k = int((1 - density) * total) if density < 1 else 0
+        self.hist = torch.zeros(1 << HIGH_BITS, dtype=torch.int64, device=self.device)
+        self.high = self.rank_in_bin = 0
+        self.bits = 0
+
+    def update(self, pass_: int, x: torch.Tensor) -> None:
+        if self.k == 0 or x.numel() == 0:
+            return
+        bits = magnitude_bits(x)
+        if pass_ == 0:
+            self.hist += torch.bincount(bits >> LOW_BITS, minlength=1 << HIGH_BITS)
+        else:
+            in_bin = bits[(bits >> LOW_BITS) == self.high]
+            self.hist += torch.bincount(in_bin & _LOW_MASK, minlength=1 << LOW_BITS)
+
+    def end_pass(self, pass_: int) -> bool:
+        if self.k == 0:
+            return True
+        # The k-th smallest: the bin where the ascending cumulative count reaches k.
+        cumulative = torch.cumsum(self.hist, 0)
+        index = int(torch.searchsorted(cumulative, torch.tensor(self.k, device=self.device)).item())
+        below = int(cumulative[index - 1].item()) if index > 0 else 0
+        if pass_ == 0:
+            self.high, self.rank_in_bin = index, self.k - below
+            self.hist = torch.zeros(1 << LOW_BITS, dtype=torch.int64, device=self.device)
+            self.k = self.rank_in_bin
+            return False
+        self.bits = (self.high << LOW_BITS) | index
+        return True
+
+    def result(self) -> torch.Tensor:
+        bits = torch.tensor(self.bits, dtype=torch.int32, device=self.device)
+        return bits.view(torch.float32)

@@ -35,6 +35,13 @@ def keep_top(ctx: KernelContext, x, cutoff):
     return zero_unless(keep, x)
 
 
+@op("keep_at_least", 2, tensor_inputs=True)
+def keep_at_least(ctx: KernelContext, x, threshold):
+    """keep_at_least(x, t): x where |x| >= t, else 0 (every entry equal to t kept). With t from
+    model_magnitude_threshold this is the TIES paper's whole-model trim."""
+    return zero_unless(x.abs() >= threshold, x)
+
+
 @op("keep_band", 3, tensor_inputs=True)
 def keep_band(ctx: KernelContext, x, lower, upper):
     """keep_band(x, lower, upper): x where lower <= rank key <= upper, else 0. With the two ends from
