@@ -7,7 +7,6 @@ out-of-range per-tensor parameters before a byte of weights is read.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,8 @@ from .diagnostics import (
     ARITHMETIC, CORRUPT, DTYPE, INPUT, MISSING_TENSOR, NO_MATCH, RANGE, SHAPE, TYPE, Reporter,
 )
 from .graph import Node, walk
-from .io import Checkpoint, CheckpointError, itemsize
+from .io import Checkpoint, CheckpointError
+from .io.writer import Sized
 from .lower import Lowered
 from .ops import OPS
 from .optimize import FoldError, optimize
@@ -31,19 +31,11 @@ TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "f
 
 
 @dataclass(frozen=True)
-class TensorPlan:
+class TensorPlan(Sized):
     name: str
     graph: Node  # specialized and optimized for this tensor
     shape: tuple[int, ...]
     dtype: str  # output safetensors dtype code
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * itemsize(self.dtype)
 
 
 @dataclass

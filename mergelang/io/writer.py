@@ -19,13 +19,11 @@ INDEX_FILE = "model.safetensors.index.json"
 _FALLOCATE_UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
 
 
-@dataclass(frozen=True)
-class OutputTensor:
-    """A tensor to be written: its name, safetensors dtype code and shape."""
+class Sized:
+    """numel and nbytes of anything with a `shape` and a safetensors `dtype` code."""
 
-    name: str
-    dtype: str
     shape: tuple[int, ...]
+    dtype: str
 
     @property
     def numel(self) -> int:
@@ -34,6 +32,15 @@ class OutputTensor:
     @property
     def nbytes(self) -> int:
         return self.numel * itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class OutputTensor(Sized):
+    """A tensor to be written: its name, safetensors dtype code and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
 
 
 def plan_shards(tensors: list[OutputTensor], shard_size: int) -> list[list[OutputTensor]]:

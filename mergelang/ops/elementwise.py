@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
 from .. import rng
 from .fast import zero_unless
-from .registry import KernelContext, Param, in_range, non_negative_int, op
+from .registry import SEED, KernelContext, Param, in_range, op
 
 
 @op("add", 2)
@@ -63,7 +61,7 @@ def avg(ctx: KernelContext, *xs):
     1,
     (
         Param("p", check=in_range(0, 1, hi_open=True), doc="drop probability"),
-        Param("seed", 0, kind="int", check=non_negative_int, doc="mask seed, mixed with the run's --seed"),
+        SEED,
     ),
     random=True,
     tensor_inputs=True,

@@ -131,3 +131,7 @@ def in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = Fal
 
 def non_negative_int(v: float) -> str | None:
     return None if v == int(v) and v >= 0 else "must be a non-negative integer"
+
+
+# The `seed=` of every random op: mixed with the run's --seed into the op's mask key.
+SEED = Param("seed", 0, kind="int", check=non_negative_int, doc="mask seed, mixed with the run's --seed")

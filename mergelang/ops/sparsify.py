@@ -20,7 +20,7 @@ import torch
 from .. import rng
 from . import select  # also registers topk_cutoff and band_cutoff
 from .fast import zero_unless
-from .registry import KernelContext, Param, in_range, non_negative_int, op
+from .registry import SEED, KernelContext, Param, in_range, op
 
 EPS_NORM = 1e-7  # mergekit's tolerance for "the norm is zero" when rescaling
 MAGPRUNE_BLOCK = 1 << 20  # elements per block when ranking rows
@@ -55,7 +55,7 @@ def keep_band(ctx: KernelContext, x, lower, upper):
     1,
     (
         Param("density", check=in_range(0, 1, lo_open=True), doc="probability of keeping each entry"),
-        Param("seed", 0, kind="int", check=non_negative_int, doc="mask seed, mixed with the run's --seed"),
+        SEED,
     ),
     random=True,
     tensor_inputs=True,
@@ -113,7 +113,7 @@ def _magprune_check(params: dict) -> list[tuple[str, str]]:
     (
         Param("density", check=in_range(0, 1, lo_open=True), doc="mean probability of keeping an entry"),
         Param("epsilon", 0.15, check=in_range(0, 1, hi_open=True), doc="spread of the keep probabilities"),
-        Param("seed", 0, kind="int", check=non_negative_int, doc="mask seed, mixed with the run's --seed"),
+        SEED,
     ),
     kind="tensor",
     random=True,
