@@ -9,8 +9,7 @@ deliberate change, rewrite them with
 
     MERGELANG_UPDATE_GOLDEN=1 python -m pytest tests/test_parse.py tests/test_lower.py
 
-and review the diff before committing. The error cases listed in XFAIL are reports that are not good
-yet: they have no golden text, only the property that the report should have.
+and review the diff before committing.
 """
 
 from __future__ import annotations
@@ -33,10 +32,6 @@ from mergelang.resources import stdlib_files
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("MERGELANG_UPDATE_GOLDEN") == "1"
 
-# Error cases that lower.py does not report well yet. Each has no golden text, only the property the
-# report should have; when lower.py gains it, the case passes, strict xfail fails, and the case should
-# get a reviewed golden like the others (delete it here and run the update).
-XFAIL: dict = {}
 
 
 def check_golden(path: Path, actual: str) -> None:
@@ -117,27 +112,9 @@ def render_errors(text: str, name: str) -> str:
     return rendered
 
 
-def _error_cases(xfail: bool) -> list:
-    return [spec for spec in _cases("errors") if (spec.stem in XFAIL) == xfail]
-
-
-@pytest.mark.parametrize("spec", _error_cases(xfail=False), ids=lambda p: p.stem)
+@pytest.mark.parametrize("spec", _cases("errors"), ids=lambda p: p.stem)
 def test_error_golden(spec: Path):
     check_golden(spec.with_suffix(".txt"), render_errors(spec.read_text(encoding="utf-8"), spec.name))
-
-
-@pytest.mark.parametrize("spec", [
-    pytest.param(spec, id=spec.stem, marks=pytest.mark.xfail(strict=True, reason=XFAIL[spec.stem][0]))
-    for spec in _error_cases(xfail=True)
-])
-def test_error_wanted(spec: Path):
-    _, wanted = XFAIL[spec.stem]
-    first, *_ = diagnostics_of(spec.read_text(encoding="utf-8"), spec.name)
-    assert wanted(first), first.render()
-
-
-def test_xfail_cases_exist():
-    assert sorted(XFAIL) == sorted(spec.stem for spec in _error_cases(xfail=True))
 
 
 def test_enough_error_goldens():
