@@ -23,6 +23,9 @@ from .optimize import FoldError, optimize
 from .specialize import LayerInfo, NoMatchingArm, specialize
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+# Matrices with one row per vocabulary entry: models with different vocabularies disagree on their
+# row count only, and (as in mergekit) the merge keeps the rows they have in common.
+EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_in", "embed_out", "tok_embeddings")
 DTYPE_ALIASES = {
     "bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "half": "F16",
     "fp32": "F32", "float32": "F32", "float": "F32", "fp64": "F64", "float64": "F64",
@@ -44,6 +47,7 @@ class Plan:
     checkpoints: dict[str, Checkpoint]  # model key → open checkpoint
     reference: str  # the model whose tensor list, config and tokenizer the output takes
     tensors: list[TensorPlan] = field(default_factory=list)
+    config_updates: dict = field(default_factory=dict)  # e.g. vocab_size after cutting embeddings
 
     @property
     def output_bytes(self) -> int:
@@ -134,7 +138,7 @@ def _plan_tensors(plan: Plan, out_dtype: str | None, reporter: Reporter) -> None
     lowered = plan.lowered
     ref = plan.checkpoints[plan.reference]
     layers = LayerInfo.from_model(list(ref.tensors), ref.config)
-    missing, no_match, shapes, dtypes, not_tensor, ranges, folds = (_Grouped() for _ in range(7))
+    missing, no_match, shapes, dtypes, not_tensor, ranges, folds, cuts = (_Grouped() for _ in range(8))
     used_models: set[str] = set()
     for name, info in ref.tensors.items():
         try:
@@ -145,7 +149,7 @@ def _plan_tensors(plan: Plan, out_dtype: str | None, reporter: Reporter) -> None
         except FoldError as e:
             folds.add((e.message, lowered.spans.first(e.node)), name)
             continue
-        shape = _infer(graph, name, plan, missing, shapes, dtypes, used_models)
+        shape = _infer(graph, name, plan, missing, shapes, dtypes, used_models, cuts)
         _check_params(graph, name, lowered, ranges)
         if shape is _BAD:
             continue
@@ -159,6 +163,12 @@ def _plan_tensors(plan: Plan, out_dtype: str | None, reporter: Reporter) -> None
                        lowered.inputs[key].span, label=f"{len(tensors)} tensor{'s' * (len(tensors) > 1)} missing",
                        notes=(f"`{key}` is {plan.checkpoints[key].path}",),
                        help="all models in a formula must have the same tensors")
+    for (rows, found), tensors in cuts.items.items():
+        reporter.warn(SHAPE, f"the models' vocabularies differ: {_examples(tensors)} "
+                             f"{'has' if len(tensors) == 1 else 'have'} {found}; the output keeps the "
+                             f"{rows} rows they have in common, as mergekit does", lowered.output_span)
+        if rows != ref.tensors[tensors[0]].shape[0]:
+            plan.config_updates["vocab_size"] = rows
     for (message, span), tensors in folds.items.items():
         where = "" if len(tensors) == len(ref.tensors) else f" (for {_examples(tensors)})"
         reporter.error(ARITHMETIC, f"{message}{where}", span, label="divides by 0")
@@ -186,10 +196,25 @@ def _plan_tensors(plan: Plan, out_dtype: str | None, reporter: Reporter) -> None
 _BAD = object()
 
 
-def _infer(graph: Node, tensor: str, plan: Plan, missing, shapes, dtypes, used: set[str]):
+def _common_rows(graph: Node, tensor: str, plan: Plan, cuts) -> int | None:
+    """For an embedding matrix whose models differ only in their number of rows: the smallest."""
+    if not any(part in tensor for part in EMBEDDING_NAMES):
+        return None
+    infos = {n.attr("model"): plan.checkpoints[n.attr("model")].tensors.get(tensor)
+             for n in walk(graph) if n.op == "load"}
+    shapes = {key: info.shape for key, info in infos.items() if info is not None and info.shape}
+    if len({s[0] for s in shapes.values()}) < 2 or len({s[1:] for s in shapes.values()}) != 1:
+        return None
+    rows = min(s[0] for s in shapes.values())
+    cuts.add((rows, ", ".join(f"{s[0]} rows in `{key}`" for key, s in shapes.items())), tensor)
+    return rows
+
+
+def _infer(graph: Node, tensor: str, plan: Plan, missing, shapes, dtypes, used: set[str], cuts):
     """The output shape for this tensor, or None for a scalar, or _BAD after recording a problem."""
     shape_of: dict[Node, object] = {}
     bad = False
+    rows = _common_rows(graph, tensor, plan, cuts)
     for n in walk(graph):
         if n.op == "const":
             shape_of[n] = None
@@ -204,7 +229,8 @@ def _infer(graph: Node, tensor: str, plan: Plan, missing, shapes, dtypes, used: 
                 if info.dtype not in FLOAT_DTYPES:
                     dtypes.add((key, info.dtype), tensor)
                     bad = True
-                shape_of[n] = info.shape
+                # Chunks are rows, so reading only the first `rows` rows of each model cuts the matrix.
+                shape_of[n] = info.shape if rows is None else (rows,) + tuple(info.shape[1:])
         else:
             found = [shape_of[a] for a in n.args if shape_of[a] is not None]
             if any(s is _BAD for s in found):

@@ -290,3 +290,29 @@ def test_bad_cli_values(family, tmp_path):
         assert not out.exists()
     result = invoke("run", str(spec), "-o", str(out), "--model", "ft9=/x")
     assert_refused(result, out, "the spec has no model named `ft9`", "base, ft0, ft1")
+
+
+def test_embeddings_of_different_vocabularies_are_cut_to_the_common_rows(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    a = {"model.embed_tokens.weight": torch.randn(7, 3, generator=gen), "lm_head.weight": torch.randn(7, 3, generator=gen),
+         "w": torch.randn(2, 2, generator=gen)}
+    b = {"model.embed_tokens.weight": torch.randn(5, 3, generator=gen), "lm_head.weight": torch.randn(5, 3, generator=gen),
+         "w": torch.randn(2, 2, generator=gen)}
+    for name, tensors in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        save_file(tensors, str(tmp_path / name / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "a" / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 7}))
+    spec = write_spec(tmp_path, 'a = model("a")\nb = model("b")\noutput avg(a, b)\n')
+    out = tmp_path / "merged"
+    result = invoke("run", str(spec), "-o", str(out), "-q")
+    assert result.exit_code == 0, result.output
+    assert "warning[E009]: the models' vocabularies differ" in result.output and "keeps the 5 rows" in result.output
+    merged = weights(out)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(merged[name], (a[name][:5] + b[name]) / 2)
+    assert torch.equal(merged["w"], (a["w"] + b["w"]) / 2)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 5
+    # Other tensors of different shapes are still an error.
+    save_file({**b, "w": torch.randn(3, 2)}, str(tmp_path / "b" / "model.safetensors"), metadata={"format": "pt"})
+    result = invoke("check", str(spec))
+    assert result.exit_code == 1 and "shapes differ in `avg`" in result.output

@@ -23,11 +23,12 @@ MODEL_FILES: tuple[str, ...] = (
 )
 
 
-def copy_model_files(src: Path, dst: Path, *, dtype_name: str | None = None) -> list[str]:
+def copy_model_files(src: Path, dst: Path, *, dtype_name: str | None = None,
+                     config_updates: dict | None = None) -> list[str]:
     """Copy the files of MODEL_FILES that exist in `src` to `dst`; returns the names copied.
 
     With `dtype_name` (e.g. "bfloat16"), the copied config.json records it as `torch_dtype`
-    (and as `dtype` where that key is present).
+    (and as `dtype` where that key is present); `config_updates` are set in it too.
     """
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
@@ -36,22 +37,24 @@ def copy_model_files(src: Path, dst: Path, *, dtype_name: str | None = None) -> 
         source = src / name
         if not source.is_file():
             continue
-        if name == "config.json" and dtype_name is not None:
-            _write_config_with_dtype(source, dst / name, dtype_name)
+        if name == "config.json" and (dtype_name is not None or config_updates):
+            _write_config(source, dst / name, dtype_name, config_updates or {})
         else:
             shutil.copyfile(source, dst / name)
         copied.append(name)
     return copied
 
 
-def _write_config_with_dtype(source: Path, dest: Path, dtype_name: str) -> None:
+def _write_config(source: Path, dest: Path, dtype_name: str | None, updates: dict) -> None:
     try:
         config = json.loads(source.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"config.json is not valid JSON: {exc}", path=source) from None
     if not isinstance(config, dict):
         raise CheckpointError(f"config.json must hold a JSON object, found {type(config).__name__}", path=source)
-    config["torch_dtype"] = dtype_name
-    if "dtype" in config:
-        config["dtype"] = dtype_name
+    if dtype_name is not None:
+        config["torch_dtype"] = dtype_name
+        if "dtype" in config:
+            config["dtype"] = dtype_name
+    config.update(updates)
     dest.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
