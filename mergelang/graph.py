@@ -204,6 +204,11 @@ def render_inline(node: Node) -> str:
     return f"{node.op}(" + ", ".join([render_inline(a) for a in node.args] + attrs) + ")"
 
 
+def _literal(value: Any) -> str:
+    """A bool or string parameter as the language writes it: true, "sum"."""
+    return str(value).lower() if isinstance(value, bool) else f'"{value}"'
+
+
 def _label(n: Node, ids: dict["Node", str]) -> str:
     """`op arg arg name=value`: registry parameters by name, structural attributes as key=value."""
     from .ops import OPS
@@ -215,7 +220,7 @@ def _label(n: Node, ids: dict["Node", str]) -> str:
     parts = [ids[a] for a in n.args[:n_in]]
     for p, s in slots:
         values = [ids[a] if a.op != "const" or p.kind not in ("bool", "choice")
-                  else repr(p.convert(a.attr("value"))).lower() for a in n.args[s]]
+                  else _literal(p.convert(a.attr("value"))) for a in n.args[s]]
         parts.append(f"{p.name}=" + (f"[{', '.join(values)}]" if p.kind == "per_input" else values[0]))
     parts += [f"{k}={_fmt_attr(v)}" for k, v in n.attrs if k != "key"]  # the random key is noise to a reader
     return " ".join([n.op] + parts)
