@@ -2,9 +2,11 @@
 
 An output tensor is computed in chunks of whole rows (dim 0) and written into place, so memory
 holds a few chunks, never a whole model. A chunk evaluates the tensor's *elementwise region*:
-the elementwise ops reachable from the root without crossing a reduce or tensor op. Those ops
-are leaves of the region, evaluated first (a reduction streams its own input region chunk by
-chunk; a tensor op materializes its inputs) and cached for the tensor.
+the elementwise ops reachable from the root without crossing a reduce, tensor or model op. Those
+ops are leaves of the region, evaluated first (a reduction streams its own input region chunk by
+chunk, after keeping that input whole if it fits a budget; a tensor op materializes its inputs)
+and cached for the tensor. Model ops (statistics over every tensor) are computed before any
+tensor is written, by `model_statistics`.
 """
 
 from __future__ import annotations
