@@ -108,10 +108,12 @@ def main():
 @click.option("--device", default="cpu", show_default=True, help="Where to compute: cpu, cuda, cuda:1, ...")
 @click.option("-j", "--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores). "
               "The output does not depend on it.")
+@click.option("--chunk-size", "chunk", type=click.IntRange(min=1), hidden=True,
+              help="Elements per chunk (tuning and tests; the output does not depend on it).")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
-def run(spec, out, seed, models, dtype, shard_size, device, threads, force, quiet, reporter):
+def run(spec, out, seed, models, dtype, shard_size, device, threads, chunk, force, quiet, reporter):
     """Merge: evaluate SPEC and write a Hugging Face checkpoint to OUTPUT."""
     _check_device(device)
     if threads:
@@ -120,6 +122,8 @@ def run(spec, out, seed, models, dtype, shard_size, device, threads, force, quie
         torch.set_num_threads(threads)
     options = RunOptions(seed=seed, models=_parse_models(models), dtype=dtype, shard_size=shard_size,
                          device=device, force=force)
+    if chunk:
+        options.chunk = chunk
     plan = check(spec, options, reporter)
     _print(reporter.warnings)
     try:

@@ -98,11 +98,21 @@ def test_same_seed_same_bytes_other_seed_differs(family, tmp_path):
     assert tree_digest(tmp_path / "a")["model.safetensors"] != tree_digest(tmp_path / "c")["model.safetensors"]
 
 
-def test_output_bytes_do_not_depend_on_threads(family, tmp_path):
-    spec = write_spec(family, CARD, "card.ml")
+@pytest.mark.parametrize("formula", [
+    "base + avg(dare(ft0 - base, p=0.9), dare(ft1 - base, p=0.9))",
+    "ties(base, [ft0, ft1], weights=[0.6, 0.4], density=0.3)",
+    "slerp(ft0, ft1, t=0.3)",
+    "dare_linear(base, [ft0, ft1], weights=[0.5, 0.5], density=0.5)",
+])
+def test_output_bytes_do_not_depend_on_threads_or_chunking(family, tmp_path, formula):
+    spec = write_spec(family, 'base = model("base")\nft0 = model("ft0")\nft1 = model("ft1")\n'
+                              f"output {formula}\n", "threads.ml")
     for name, threads in (("one", "1"), ("two", "2")):
         assert invoke("run", str(spec), "-o", str(tmp_path / name), "--seed", "3", "-j", threads, "-q").exit_code == 0
-    assert tree_digest(tmp_path / "one") == tree_digest(tmp_path / "two")
+    # Seven rows of 32 at a time: reductions and random masks see many small chunks.
+    assert invoke("run", str(spec), "-o", str(tmp_path / "small"), "--seed", "3", "--chunk-size", "224",
+                  "-q").exit_code == 0
+    assert tree_digest(tmp_path / "one") == tree_digest(tmp_path / "two") == tree_digest(tmp_path / "small")
 
 
 def test_sharded_input_and_output_round_trip(family, tmp_path):
