@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -90,6 +91,20 @@ def _dtype(ctx, param, value):
 spec_argument = click.argument("spec", type=click.Path(path_type=Path, dir_okay=False))
 model_option = click.option("--model", "models", multiple=True, metavar="NAME=PATH",
                             help="Use PATH for the spec's model NAME (repeatable).")
+
+
+def entry() -> None:
+    """The console script. After Ctrl-C it leaves at once: the partial output is already gone (the
+    atomic folder's cleanup ran as the interrupt unwound), and torch's thread pools, stopped mid-work,
+    can abort the process in their static destructors during a normal interpreter shutdown."""
+    try:
+        main()
+    except SystemExit as e:
+        if e.code == EXIT_INTERRUPTED:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
+        raise
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
