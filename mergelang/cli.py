@@ -83,7 +83,9 @@ def _dtype(ctx, param, value):
     from .check import parse_dtype
 
     try:
-        return value and parse_dtype(value) and value
+        if value is not None:
+            parse_dtype(value)  # validate here; the plan parses it again where it is used
+        return value
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
 

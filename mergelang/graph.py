@@ -1,4 +1,4 @@
-"""The IR: interned expression nodes, their structural digests, and the networkx view used to schedule.
+"""The IR: interned expression nodes, their structural digests, and their rendering.
 
 Building the same expression twice gives the same Node object, so common subexpressions are
 shared by construction. Source positions live in a side table (`Spans`), not in node identity.
@@ -10,8 +10,6 @@ import hashlib
 import weakref
 from collections import defaultdict
 from typing import Any, Callable, Iterable
-
-import networkx as nx
 
 from .ast import Span
 
@@ -99,10 +97,6 @@ def const(value: float) -> Node:
     return Node("const", (), {"value": float(value)})
 
 
-def is_const(node: Node) -> bool:
-    return node.op == "const"
-
-
 def walk(root: Node) -> list[Node]:
     """Every node reachable from root, inputs before users (a deterministic topological order)."""
     order: list[Node] = []
@@ -137,17 +131,6 @@ def rewrite(root: Node, rule: Callable[[Node], Node | None], spans: "Spans | Non
             spans.carry(node, result)
         done[id(node)] = result
     return done[id(root)]
-
-
-def to_networkx(root: Node) -> nx.DiGraph:
-    """Nodes numbered in walk order; an edge a → b when b uses a (with the argument position)."""
-    g = nx.DiGraph()
-    index = {id(n): i for i, n in enumerate(walk(root))}
-    for n in walk(root):
-        g.add_node(index[id(n)], node=n)
-        for pos, a in enumerate(n.args):
-            g.add_edge(index[id(a)], index[id(n)], pos=pos)
-    return g
 
 
 class Spans:

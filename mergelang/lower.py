@@ -13,8 +13,8 @@ from typing import Any
 
 from . import ast
 from .diagnostics import (
-    ARITHMETIC, ARITY, KEYWORD, LIST_LENGTH, OUTPUT_COUNT, RECURSION, REDEFINED, TYPE, UNKNOWN_NAME,
-    MergelangError, Reporter, suggest,
+    ARITHMETIC, ARITY, INPUT, KEYWORD, LIST_LENGTH, OUTPUT_COUNT, RECURSION, REDEFINED, TYPE, UNKNOWN_NAME,
+    Diagnostic, MergelangError, Reporter, suggest,
 )
 from .graph import Node, Spans, const, walk, with_random_key
 from .ops import OPS, REQUIRED, OpDef
@@ -529,11 +529,5 @@ def lower_file(path: Path, reporter: Reporter | None = None) -> Lowered:
     try:
         program = parse_file(path)
     except FileNotFoundError:
-        raise MergelangError(_missing_spec(path)) from None
+        raise MergelangError(Diagnostic(INPUT, f"spec file not found: {path}", help="check the path")) from None
     return lower(program, reporter)
-
-
-def _missing_spec(path: Path):
-    from .diagnostics import INPUT, Diagnostic
-
-    return Diagnostic(INPUT, f"spec file not found: {path}", help="check the path")
