@@ -229,7 +229,14 @@ def _open_index(
 
     tensors: dict[str, TensorInfo] = {}
     for file in files:
-        for name, info in read_tensors(file).items():
+        try:
+            found = read_tensors(file)
+        except CheckpointError as exc:
+            if exc.tensor is None:
+                mapped = [n for n, s in weight_map.items() if folder / s == file]
+                exc.message += f" (the index maps {len(mapped)} tensors to this file, e.g. {mapped[0]!r})"
+            raise
+        for name, info in found.items():
             if name in tensors:
                 raise CheckpointError(
                     f"present in two shards: {tensors[name].path.name} and {file.name}", path=file, tensor=name
