@@ -280,3 +280,17 @@ def test_shards_without_index(tmp_path: Path):
         f"{folder}: found 2 .bin shards (pytorch_model-00001-of-00002.bin, pytorch_model-00002-of-00002.bin) "
         "but no pytorch_model.bin.index.json saying which tensors each holds"
     )
+
+
+def test_non_contiguous_and_shared_storage(tmp_path: Path):
+    """Tensors saved as views (transposed, or slices of one storage) read as their own values."""
+    x = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    folder = tmp_path / "views"
+    folder.mkdir()
+    torch.save({"t": x.t(), "row": x[2], "x": x}, folder / BIN_FILE)
+    ckpt = Checkpoint.open(folder)
+    assert {n: i.shape for n, i in ckpt.tensors.items()} == {"t": (6, 4), "row": (6,), "x": (4, 6)}
+    assert ckpt.read("t", 0, 8).tolist() == [0.0, 6.0, 12.0, 18.0, 1.0, 7.0, 13.0, 19.0]
+    assert ckpt.read("t", 20, 24).tolist() == [5.0, 11.0, 17.0, 23.0]
+    assert ckpt.read("row").tolist() == [12.0, 13.0, 14.0, 15.0, 16.0, 17.0]
+    assert torch.equal(ckpt.read("x"), torch.arange(24, dtype=torch.float32))

@@ -113,6 +113,7 @@ class BinCheckpoint(Checkpoint):
     def __init__(self, path: Path, tensors: dict[str, TensorInfo], files: list[Path], config: dict | None = None):
         super().__init__(path, tensors, files, config)
         self._loaded: tuple[Path, dict[str, torch.Tensor]] | None = None
+        self._dense: tuple[str, torch.Tensor] | None = None  # the last non-contiguous tensor read, made dense
 
     @classmethod
     def open(cls, folder: Path) -> BinCheckpoint:
@@ -153,16 +154,25 @@ class BinCheckpoint(Checkpoint):
                     path=info.path,
                     tensor=name,
                 )
-            return tensor.reshape(-1)[start:stop].clone()
+            return self._flat(name, tensor)[start:stop].clone()
+
+    def _flat(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` as 1-D: a view when contiguous, else one dense copy kept for the following chunks."""
+        if tensor.is_contiguous():
+            return tensor.view(-1)
+        if self._dense is None or self._dense[0] != name:
+            self._dense = None
+            self._dense = (name, tensor.reshape(-1))
+        return self._dense[1]
 
     def _shard(self, path: Path) -> dict[str, torch.Tensor]:
         """The state dict of shard `path`, loading it after dropping the one loaded before."""
         if self._loaded is None or self._loaded[0] != path:
-            self._loaded = None  # release the previous shard before mapping the next one
+            self._loaded = self._dense = None  # release the previous shard before mapping the next one
             self._loaded = (path, load_state_dict(path))
         return self._loaded[1]
 
     def close(self) -> None:
         """Drop the loaded shard (a later read loads it again)."""
         with self._lock:
-            self._loaded = None
+            self._loaded = self._dense = None
