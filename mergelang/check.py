@@ -16,6 +16,7 @@ from .diagnostics import (
 )
 from .graph import Node, walk
 from .io import Checkpoint, CheckpointError
+from .io.hub import HubError, locate
 from .io.writer import Sized
 from .lower import Lowered
 from .ops import OPS
@@ -67,9 +68,15 @@ def parse_dtype(text: str | None) -> str | None:
     return code
 
 
-def resolve_inputs(lowered: Lowered, overrides: dict[str, Path], reporter: Reporter) -> dict[str, Path]:
-    """Each input's folder, after `--model NAME=PATH` (NAME is the bound name or the path as written)."""
-    folders = {key: m.folder for key, m in lowered.inputs.items()}
+def resolve_inputs(lowered: Lowered, overrides: dict[str, Path], reporter: Reporter,
+                   strict: bool = False) -> dict[str, Path]:
+    """Each input's folder, after `--model NAME=PATH` (NAME is the bound name or the path as written).
+
+    A path that is not an existing folder but looks like a hub id `owner/name` is looked up in the
+    local Hugging Face cache (io/hub.py). With `strict`, an input that cannot be located there (or
+    `revision=` on a local folder) is reported and left out; without, it keeps the folder as written.
+    """
+    chosen: dict[str, Path] = {}
     for name, path in overrides.items():
         hits = [key for key, m in lowered.inputs.items() if name in (key, m.path_text)]
         if not hits:
@@ -77,13 +84,30 @@ def resolve_inputs(lowered: Lowered, overrides: dict[str, Path], reporter: Repor
             reporter.error(INPUT, f"--model {name}=...: the spec has no model named `{name}`",
                            help=f"the spec's models are: {known}")
         for key in hits:
-            folders[key] = Path(path).expanduser().resolve()
+            chosen[key] = Path(path)
+    folders: dict[str, Path] = {}
+    for key, m in lowered.inputs.items():
+        given = chosen.get(key)
+        try:
+            if given is None:
+                folders[key] = locate(m.path_text, m.folder, m.revision)
+            else:
+                folders[key] = locate(str(given), given.expanduser().resolve())
+        except HubError as e:
+            if not strict:
+                folders[key] = m.folder if given is None else given.expanduser().resolve()
+                continue
+            notes = e.notes + ((f"`{key}` was given by --model {key}={given}",) if given is not None else ())
+            help = f"{e.help}; or pass --model {key}=PATH" if e.absent else e.help
+            reporter.error(INPUT, f"model `{key}`: {e.message}", m.span, label="this model", notes=notes, help=help)
     return folders
 
 
 def open_inputs(lowered: Lowered, folders: dict[str, Path], reporter: Reporter) -> dict[str, Checkpoint]:
     opened: dict[str, Checkpoint] = {}
     for key, model in lowered.inputs.items():
+        if key not in folders:  # already reported by resolve_inputs
+            continue
         try:
             opened[key] = Checkpoint.open(folders[key])
         except CheckpointError as e:
@@ -120,7 +144,7 @@ def build_plan(lowered: Lowered, overrides: dict[str, Path] | None = None, dtype
     """Open every input's headers and plan each output tensor; raises MergelangError on any problem."""
     reporter = reporter or Reporter()
     out_dtype = parse_dtype(dtype)
-    folders = resolve_inputs(lowered, overrides or {}, reporter)
+    folders = resolve_inputs(lowered, overrides or {}, reporter, strict=True)
     checkpoints = open_inputs(lowered, folders, reporter)
     try:
         reporter.raise_if_errors()
@@ -181,7 +205,8 @@ def _plan_tensors(plan: Plan, out_dtype: str | None, reporter: Reporter) -> None
                        spans.first(node), label="these operands", help="elementwise operations need equal shapes")
     for (key, code), tensors in dtypes.items.items():
         reporter.error(DTYPE, f"cannot compute in {code}: model `{key}` stores {_examples(tensors)} as {code}",
-                       lowered.inputs[key].span, help="mergelang merges floating-point tensors (F16, BF16, F32, F64)")
+                       lowered.inputs[key].span,
+                       notes=(f"`{tensors[0]}` is in {plan.checkpoints[key].tensors[tensors[0]].path}",), help="mergelang merges floating-point tensors (F16, BF16, F32, F64)")
     for (graph,), tensors in not_tensor.items.items():
         reporter.error(TYPE, f"for {_examples(tensors)} the output is the number {graph!r}, not a tensor",
                        lowered.output_span, help="every output tensor must involve a model")

@@ -92,7 +92,8 @@ def _dtype(ctx, param, value):
 
 spec_argument = click.argument("spec", type=click.Path(path_type=Path, dir_okay=False))
 model_option = click.option("--model", "models", multiple=True, metavar="NAME=PATH",
-                            help="Use PATH for the spec's model NAME (repeatable).")
+                            help="Use PATH (a folder, or a hub id in the local Hugging Face cache) "
+                                 "for the spec's model NAME (repeatable).")
 
 
 def entry() -> None:

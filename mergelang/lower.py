@@ -31,6 +31,7 @@ class InputModel:
     path_text: str
     folder: Path
     span: ast.Span
+    revision: str | None = None  # model("owner/name", revision=...): a branch, tag or commit in the hub cache
 
 
 @dataclass
@@ -256,18 +257,23 @@ class _Lowerer:
                           help=suggest(fname, callables) or "define it with `def NAME(params) = ...`")
 
     def model(self, e: ast.Call, args, kwargs, bind_as: str | None) -> Any:
+        revision, k = kwargs.pop("revision", (None, None))
         if kwargs:
             k = next(iter(kwargs.values()))[1]
-            return self.error(KEYWORD, f"`model` takes no keyword `{k.name}`", k.span, help='write `model("PATH")`')
+            return self.error(KEYWORD, f"`model` takes no keyword `{k.name}`", k.span,
+                              help='write `model("PATH")` or `model("owner/name", revision="REV")`')
+        if revision is not None and not isinstance(revision, str):
+            return self.error(TYPE, f"`revision` of `model` must be a string (a branch, tag or commit), "
+                                    f"found {self.describe(revision)}", k.value.span)
         if len(args) != 1 or not isinstance(args[0], str):
             found = f"{len(args)} arguments" if len(args) != 1 else self.describe(args[0])
             return self.error(ARITY if len(args) != 1 else TYPE,
                               f"`model` takes one string, the checkpoint folder; found {found}", e.span,
                               help='write `model("path/to/checkpoint")` (relative to the spec\'s folder)')
         path_text = args[0]
-        key = bind_as or path_text
+        key = bind_as or (path_text if revision is None else f"{path_text}@{revision}")
         if key not in self.inputs:
-            self.inputs[key] = InputModel(key, path_text, (self.folder / path_text), e.span)
+            self.inputs[key] = InputModel(key, path_text, (self.folder / path_text), e.span, revision)
         return self.at(Node("load", (), {"model": key}), e.span)
 
     def layers(self, e: ast.Call, args, kwargs) -> Any:
