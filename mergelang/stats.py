@@ -371,24 +371,25 @@ def _drop_probability(node) -> float | None:
     return None
 
 
-def _sample(ft: Checkpoint, base: Checkpoint, names: list[str]) -> torch.Tensor:
-    """|δ| at a fixed set of places: the first and middle row (its first SAMPLE_ROW_ELEMENTS) of
-    the first, middle and last sampled layer of each tensor kind."""
+def _sample(ft: Checkpoint, base: Checkpoint, names: list[str]) -> tuple[torch.Tensor, int]:
+    """|δ| at a fixed set of places, and how many tensors they lie in: of each tensor kind, the
+    tensors of the first, middle and last layer; of each, the first and middle row (at most its
+    first SAMPLE_ROW_ELEMENTS entries)."""
     by_kind: dict[str, list[str]] = defaultdict(list)
     for name in names:
         by_kind[tensor_kind(name)].append(name)
-    parts = []
+    parts, tensors = [], 0
     for group in by_kind.values():
-        picks = list(dict.fromkeys([group[0], group[len(group) // 2], group[-1]]))
-        for name in picks:
+        for name in dict.fromkeys([group[0], group[len(group) // 2], group[-1]]):
             a, b = ft.tensors[name], base.tensors[name]
             rows = min(_rows(a.shape)[0], _rows(b.shape)[0])
             row_size = _rows(a.shape)[1]
+            tensors += 1
             for r in sorted({0, rows // 2}):
                 start, stop = r * row_size, r * row_size + min(row_size, SAMPLE_ROW_ELEMENTS)
                 parts.append((ft.read(name, start, stop).to(torch.float32)
                               - base.read(name, start, stop).to(torch.float32)).abs())
-    return torch.cat(parts) if parts else torch.zeros(0)
+    return (torch.cat(parts) if parts else torch.zeros(0)), tensors
 
 
 def dare_warnings(plan, reporter: Reporter) -> None:
@@ -408,27 +409,28 @@ def dare_warnings(plan, reporter: Reporter) -> None:
             if p is None or p < HIGH_DROP:
                 continue
             span = plan.lowered.spans.first(node)
-            entry = found.setdefault((span, a.attr("model"), b.attr("model")), {"p": p, "names": []})
+            entry = found.setdefault((span, node.op, a.attr("model"), b.attr("model")), {"p": p, "names": []})
             entry["p"] = max(entry["p"], p)
             entry["names"].append(tp.name)
-    samples: dict[tuple, torch.Tensor] = {}
-    for (span, ft_key, base_key), entry in found.items():
-        names = [n for n in dict.fromkeys(entry["names"])
-                 if plan.checkpoints[ft_key].tensors[n].shape[1:] == plan.checkpoints[base_key].tensors[n].shape[1:]]
+    samples: dict[tuple, tuple[torch.Tensor, int]] = {}
+    for (span, op, ft_key, base_key), entry in found.items():
+        ft, base = plan.checkpoints[ft_key], plan.checkpoints[base_key]
+        names = [n for n in dict.fromkeys(entry["names"]) if ft.tensors[n].shape[1:] == base.tensors[n].shape[1:]]
         key = (ft_key, base_key, tuple(names))
         if key not in samples:
-            samples[key] = _sample(plan.checkpoints[ft_key], plan.checkpoints[base_key], names)
-        sample = samples[key]
+            samples[key] = _sample(ft, base, names)
+        sample, tensors = samples[key]
         if sample.numel() == 0:
             continue
         p99 = float(torch.quantile(sample.to(torch.float64), VERDICT_QUANTILE))
         if level(p99) != "large":
             continue
+        p = entry["p"]
+        what = f"`dare` with p = {p:.3g}" if op == "dare" else f"a random drop with density {1 - p:.3g} (p = {p:.3g})"
         reporter.warn(
             LARGE_DELTA_CODE,
-            f"a random drop of p = {entry['p']:.3g} applies to `{ft_key} - {base_key}`, whose deltas are large: "
-            f"p99 |δ| ≈ {p99:.3g} (estimated from a sample of {sample.numel()} entries)",
+            f"{what} on `{ft_key} - {base_key}`, whose deltas are large: p99 |δ| ≈ {p99:.3g}, estimated "
+            f"from a sample of {sample.numel()} entries in {tensors} tensor{'s' * (tensors != 1)}",
             span, label="drops most of a large delta",
             notes=(verdict(p99),),
-            help=f"use p ≤ {HIGH_DROP} (density ≥ {1 - HIGH_DROP}) or no drop; "
-                 f"`mergelang stats` measures every entry of the delta")
+            help=f"`mergelang stats {ft.path} {base.path}` measures every entry of the delta")
