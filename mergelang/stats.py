@@ -38,7 +38,7 @@ import torch
 
 from .diagnostics import CORRUPT, DTYPE, INPUT, MISSING_TENSOR, SHAPE, Diagnostic, MergelangError, Reporter
 from .io import Checkpoint, CheckpointError
-from .ops.select import HIGH_BITS, LOW_BITS, magnitude_bits
+from .ops.select import LOW_BITS, magnitude_bits
 from .specialize import _LAYER, layer_index
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
@@ -55,7 +55,6 @@ LARGE_DELTA_CODE = "E030"  # the warning of `check`; E-codes name a kind of prob
 
 _FLOAT = {"F16", "BF16", "F32", "F64"}
 _LOW_MASK = (1 << LOW_BITS) - 1
-_BINS = 1 << HIGH_BITS
 
 
 # ---- statistics -------------------------------------------------------------------------------------
@@ -85,13 +84,19 @@ class DeltaStats:
 
 class _Summary:
     """One pass over δ: count, min, max, Σ|δ| (float64), max |δ| and the histogram of the top
-    HIGH_BITS bits of |δ|'s float32 pattern. Summaries add up (per layer, per kind, overall)."""
+    16 bits (select.HIGH_BITS) of |δ|'s float32 pattern. Summaries add up (per layer, per kind, overall)."""
 
     def __init__(self):
         self.count = 0
         self.min, self.max, self.max_abs = math.inf, -math.inf, 0.0
         self.abs_sum = 0.0
-        self.hist = torch.zeros(_BINS, dtype=torch.int64)
+        self.hist = torch.zeros(0, dtype=torch.int64)  # grown to the highest bin seen (2**HIGH_BITS at most)
+
+    def _add_hist(self, counts: torch.Tensor) -> None:
+        n = counts.numel()
+        if self.hist.numel() < n:
+            self.hist = torch.cat([self.hist, torch.zeros(n - self.hist.numel(), dtype=torch.int64)])
+        self.hist[:n] += counts
 
     def update(self, d: torch.Tensor, bits: torch.Tensor) -> None:
         if d.numel() == 0:
@@ -101,14 +106,14 @@ class _Summary:
         self.max = max(self.max, float(d.max()))
         self.max_abs = max(self.max_abs, float(d.abs().max()))
         self.abs_sum += float(d.abs().sum(dtype=torch.float64))
-        self.hist += torch.bincount(bits >> LOW_BITS, minlength=_BINS)
+        self._add_hist(torch.bincount(bits >> LOW_BITS))
 
     def add(self, other: _Summary) -> None:
         self.count += other.count
         self.min, self.max = min(self.min, other.min), max(self.max, other.max)
         self.max_abs = max(self.max_abs, other.max_abs)
         self.abs_sum += other.abs_sum
-        self.hist += other.hist
+        self._add_hist(other.hist)
 
     def stats(self, quantiles: dict[float, float] | None = None) -> DeltaStats:
         """With `quantiles` (exact ones), those; else the histogram's estimates."""
@@ -295,6 +300,12 @@ def _examples(names: list[str], n: int = 3) -> str:
     return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+def _display_order(name: str) -> tuple:
+    """Layers in order, each layer's tensors by name, then the tensors outside the layer stack."""
+    layer = layer_index(name)
+    return (layer is None, layer or 0, name)
+
+
 def delta_stats(ft_path: Path, base_path: Path, chunk: int = CHUNK_ELEMENTS) -> DeltaReport:
     """Stream ft and base and measure δ = ft − base; raises MergelangError when nothing compares."""
     ft, base = _open(ft_path, f"fine-tuned ({ft_path})"), _open(base_path, f"base ({base_path})")
@@ -304,7 +315,7 @@ def delta_stats(ft_path: Path, base_path: Path, chunk: int = CHUNK_ELEMENTS) -> 
     kinds: dict[str, _Summary] = defaultdict(_Summary)
     overall = _Summary()
     try:
-        for name in ft.tensors:
+        for name in sorted(ft.tensors, key=_display_order):
             if name not in base.tensors:
                 problems[(MISSING_TENSOR, f"the base model {base.path} has no tensor")].append(name)
                 continue
@@ -343,7 +354,7 @@ def delta_stats(ft_path: Path, base_path: Path, chunk: int = CHUNK_ELEMENTS) -> 
         raise MergelangError(report.diagnostics + [Diagnostic(
             MISSING_TENSOR, f"no tensor of {ft.path} could be compared with {base.path}",
             help="pass a fine-tune and the base model it was trained from")])
-    report.by_layer = {k: layers[k].stats() for k in sorted(layers, key=lambda k: (k is None, k or 0))}
+    report.by_layer = {k: s.stats() for k, s in layers.items()}
     report.by_kind = {k: kinds[k].stats() for k in kinds}
     report.overall = overall.stats()
     return report
