@@ -36,7 +36,10 @@ from pathlib import Path
 
 import torch
 
-from .diagnostics import CORRUPT, DTYPE, INPUT, MISSING_TENSOR, SHAPE, Diagnostic, MergelangError, Reporter
+from .check import EMBEDDING_NAMES, FLOAT_DTYPES, _examples
+from .diagnostics import (
+    CORRUPT, DARE_LARGE_DELTA, DTYPE, INPUT, MISSING_TENSOR, SHAPE, Diagnostic, MergelangError, Reporter,
+)
 from .io import Checkpoint, CheckpointError
 from .ops.select import LOW_BITS, magnitude_bits
 from .specialize import _LAYER, layer_index
@@ -50,10 +53,7 @@ LARGE_DELTA = 0.03
 HIGH_DROP = 0.5  # `check` warns about drops of at least this probability on large deltas
 VERDICT_QUANTILE = 0.99
 CHUNK_ELEMENTS = 1 << 20  # elements of each model read at a time (whole rows, at least one)
-EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_in", "embed_out", "tok_embeddings")
-LARGE_DELTA_CODE = "E030"  # the warning of `check`; E-codes name a kind of problem, not a severity
 
-_FLOAT = {"F16", "BF16", "F32", "F64"}
 _LOW_MASK = (1 << LOW_BITS) - 1
 
 
@@ -279,7 +279,7 @@ def _comparable(name: str, ft: Checkpoint, base: Checkpoint, problems) -> tuple[
     """(rows, row size) to compare for `name`, or None after recording why it cannot be."""
     a, b = ft.tensors[name], base.tensors[name]
     for role, info in (("fine-tuned", a), ("base", b)):
-        if info.dtype not in _FLOAT:
+        if info.dtype not in FLOAT_DTYPES:
             problems[(DTYPE, f"the {role} model stores them as {info.dtype}, not floating point")].append(name)
             return None
     if a.shape == b.shape:
@@ -293,11 +293,6 @@ def _comparable(name: str, ft: Checkpoint, base: Checkpoint, problems) -> tuple[
     problems[(SHAPE, f"shapes differ: {list(a.shape)} in the fine-tuned model, {list(b.shape)} in the base")
              ].append(name)
     return None
-
-
-def _examples(names: list[str], n: int = 3) -> str:
-    shown = ", ".join(f"`{t}`" for t in names[:n])
-    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _display_order(name: str) -> tuple:
@@ -326,11 +321,12 @@ def delta_stats(ft_path: Path, base_path: Path, chunk: int = CHUNK_ELEMENTS) -> 
             summary = _Summary()
             for d in _deltas(ft, base, name, rows, row_size, chunk):
                 summary.update(d, magnitude_bits(d))
-            select = _ExactSelect(summary)
+            exact = None
             if summary.count:
+                select = _ExactSelect(summary)
                 for d in _deltas(ft, base, name, rows, row_size, chunk):
                     select.update(magnitude_bits(d))
-            exact = select.quantiles() if summary.count else None
+                exact = select.quantiles()
             full = tuple(ft.tensors[name].shape)
             compared = full if full == tuple(base.tensors[name].shape) else (rows,) + full[1:]
             t = TensorDelta(name, layer_index(name), tensor_kind(name), compared, summary.stats(exact))
@@ -439,7 +435,7 @@ def dare_warnings(plan, reporter: Reporter) -> None:
         p = entry["p"]
         what = f"`dare` with p = {p:.3g}" if op == "dare" else f"a random drop with density {1 - p:.3g} (p = {p:.3g})"
         reporter.warn(
-            LARGE_DELTA_CODE,
+            DARE_LARGE_DELTA,
             f"{what} on `{ft_key} - {base_key}`, whose deltas are large: p99 |δ| ≈ {p99:.3g}, estimated "
             f"from a sample of {sample.numel()} entries in {tensors} tensor{'s' * (tensors != 1)}",
             span, label="drops most of a large delta",

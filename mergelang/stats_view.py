@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .diagnostics import WRITE, Diagnostic, MergelangError
+from .diagnostics import MISSING_DEPENDENCY, WRITE, Diagnostic, MergelangError
 from .stats import LARGE_DELTA, QUANTILES, SAFE_DELTA, DeltaReport, DeltaStats, level
 
 PLOT_SIZE = (12.0, 4.5)  # inches
 PLOT_DPI = 100
-MISSING_DEPENDENCY = "E031"
 _LEVEL_STYLE = {"small": "green", "moderate": "yellow", "large": "red"}
 
 

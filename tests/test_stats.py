@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 from mergelang.api import RunOptions, check
 from mergelang.cli import main
 from mergelang.demo import make_tiny_llama
-from mergelang.diagnostics import MergelangError, Reporter
+from mergelang.diagnostics import DARE_LARGE_DELTA, MergelangError, Reporter
 from mergelang.stats import (
-    LARGE_DELTA, LARGE_DELTA_CODE, QUANTILES, SAFE_DELTA, delta_stats, level, tensor_kind, verdict,
+    LARGE_DELTA, QUANTILES, SAFE_DELTA, delta_stats, level, tensor_kind, verdict,
 )
 
 from conftest import write_spec
@@ -271,14 +271,14 @@ def _warnings(llamas: Path, text: str) -> list:
     spec = write_spec(llamas, text, name="dare_check.ml")
     reporter = Reporter()
     check(spec, RunOptions(), reporter).close()
-    return [d for d in reporter.warnings if d.code == LARGE_DELTA_CODE]
+    return [d for d in reporter.warnings if d.code == DARE_LARGE_DELTA]
 
 
 def test_check_warns_on_dare_with_high_p_over_large_deltas(llamas):
     found = _warnings(llamas, 'base = model("base")\nft = model("large")\noutput base + dare(ft - base, p=0.9)\n')
     assert len(found) == 1
     w = found[0]
-    assert (w.severity, w.span.line, w.span.col) == ("warning", 3, 15)
+    assert (w.code, w.severity, w.span.line, w.span.col) == ("E030", "warning", 3, 15)
     # the same fixed sample, measured independently: the first and middle row of every tensor (2 layers)
     ft, base = load_file(str(llamas / "large" / "model.safetensors")), load_file(str(llamas / "base" / "model.safetensors"))
     parts = []
