@@ -254,15 +254,14 @@ def _open(path: Path, role: str) -> Checkpoint:
     try:
         return Checkpoint.open(Path(path))
     except CheckpointError as e:
-        missing = not Path(path).exists()
-        raise MergelangError(Diagnostic(INPUT if missing else CORRUPT, f"{role} model: {e}",
-                                        help=None if missing else "the file is damaged or incomplete")) from None
+        code = INPUT if not Path(path).exists() else CORRUPT
+        raise MergelangError(Diagnostic(code, f"the {role} model: {e}", help="FT and BASE are checkpoint folders")) from None
 
 
 def _rows(shape: tuple[int, ...]) -> tuple[int, int]:
-    """(rows, elements per row) of a tensor read in chunks of whole rows; a vector is one row."""
+    """(rows, elements per row) of a tensor read in chunks of whole rows; a vector's rows are its entries."""
     if len(shape) < 2:
-        return 1, math.prod(shape)
+        return math.prod(shape), 1
     return shape[0], math.prod(shape[1:])
 
 
@@ -303,7 +302,7 @@ def _display_order(name: str) -> tuple:
 
 def delta_stats(ft_path: Path, base_path: Path, chunk: int = CHUNK_ELEMENTS) -> DeltaReport:
     """Stream ft and base and measure δ = ft − base; raises MergelangError when nothing compares."""
-    ft, base = _open(ft_path, f"fine-tuned ({ft_path})"), _open(base_path, f"base ({base_path})")
+    ft, base = _open(ft_path, "fine-tuned"), _open(base_path, "base")
     report = DeltaReport(ft.path, base.path)
     problems: dict[tuple[str, str], list[str]] = defaultdict(list)
     layers: dict[int | None, _Summary] = defaultdict(_Summary)
@@ -389,8 +388,10 @@ def _sample(ft: Checkpoint, base: Checkpoint, names: list[str]) -> tuple[torch.T
     for group in by_kind.values():
         for name in dict.fromkeys([group[0], group[len(group) // 2], group[-1]]):
             a, b = ft.tensors[name], base.tensors[name]
-            rows = min(_rows(a.shape)[0], _rows(b.shape)[0])
-            row_size = _rows(a.shape)[1]
+            if len(a.shape) < 2:  # a vector is sampled as one row
+                rows, row_size = 1, math.prod(a.shape)
+            else:
+                rows, row_size = min(a.shape[0], b.shape[0]), math.prod(a.shape[1:])
             tensors += 1
             for r in sorted({0, rows // 2}):
                 start, stop = r * row_size, r * row_size + min(row_size, SAMPLE_ROW_ELEMENTS)

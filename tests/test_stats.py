@@ -169,7 +169,7 @@ def test_nothing_comparable_and_missing_folder_are_errors(tmp_path):
     with pytest.raises(MergelangError) as e:
         delta_stats(tmp_path / "nope", tmp_path / "base")
     assert e.value.diagnostics[0].code == "E007"
-    assert e.value.diagnostics[0].message.startswith(f"fine-tuned ({tmp_path / 'nope'}) model: ")
+    assert e.value.diagnostics[0].message == f"the fine-tuned model: {tmp_path / 'nope'}: checkpoint folder not found"
 
 
 # ---- verdicts -------------------------------------------------------------------------------------------
