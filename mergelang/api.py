@@ -13,6 +13,7 @@ from .execute import DEFAULT_CHUNK, ExecOptions, execute
 from .io import ShardedWriter, atomic_output_dir, copy_model_files, free_bytes
 from .io.writer import OutputTensor
 from .lower import lower_file
+from .stats import dare_warnings
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 
@@ -48,7 +49,9 @@ def check(spec: Path, options: RunOptions, reporter: Reporter | None = None) -> 
     """Every static check; returns the plan (with open checkpoints) or raises MergelangError."""
     reporter = reporter or Reporter()
     lowered = lower_file(spec, reporter)
-    return build_plan(lowered, options.models, options.dtype, reporter)
+    plan = build_plan(lowered, options.models, options.dtype, reporter)
+    dare_warnings(plan, reporter)
+    return plan
 
 
 def _check_output_path(out: Path, plan: Plan, force: bool) -> None:

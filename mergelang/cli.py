@@ -284,3 +284,36 @@ class _progress:
         if hasattr(self, "progress"):
             self.progress.__exit__(*exc)
         return False
+
+
+# ---- mergelang stats -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("ft", type=click.Path(path_type=Path))
+@click.argument("base", type=click.Path(path_type=Path))
+@click.option("--by", type=click.Choice(["layer", "kind", "tensor"]), default="kind", show_default=True,
+              help="Group the table's rows by layer, by tensor kind (q_proj, mlp.up_proj, ...) or per tensor.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also draw mean and p99 |δ| by layer into this PNG (needs mergelang[plot]).")
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON instead of a table.")
+@_user_errors
+def stats(ft, base, by, plot_path, as_json, reporter):
+    """Measure the delta FT − BASE (range, mean |δ|, quantiles) and how much DARE drop it tolerates."""
+    import json
+
+    from rich.console import Console
+
+    from .stats import delta_stats
+    from .stats_view import plot, print_report, pyplot
+
+    if plot_path is not None:
+        pyplot()  # fail before reading any weights
+    report = delta_stats(ft, base)
+    _print(report.diagnostics)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+    else:
+        print_report(report, by, Console(width=None if sys.stdout.isatty() else 160))
+    if plot_path is not None:
+        click.echo(f"wrote {plot(report, plot_path)}", err=True)

@@ -27,6 +27,8 @@ NO_MATCH = "E017"
 ARITHMETIC = "E018"
 WRITE = "E019"
 INTERRUPTED = "E020"
+DARE_LARGE_DELTA = "E030"  # a warning: DARE with a high p on a large delta (stats.dare_warnings)
+MISSING_DEPENDENCY = "E031"  # an optional extra is not installed (mergelang[plot])
 
 
 @dataclass(frozen=True)
