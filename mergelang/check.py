@@ -17,6 +17,7 @@ from .diagnostics import (
 from .graph import Node, walk
 from .io import Checkpoint, CheckpointError
 from .io.writer import Sized
+from .lora import open_lora
 from .lower import Lowered
 from .ops import OPS
 from .optimize import FoldError, optimize
@@ -84,6 +85,9 @@ def resolve_inputs(lowered: Lowered, overrides: dict[str, Path], reporter: Repor
 def open_inputs(lowered: Lowered, folders: dict[str, Path], reporter: Reporter) -> dict[str, Checkpoint]:
     opened: dict[str, Checkpoint] = {}
     for key, model in lowered.inputs.items():
+        if model.kind == "lora":
+            open_lora(key, model, folders[key], opened, reporter)
+            continue
         try:
             opened[key] = Checkpoint.open(folders[key])
         except CheckpointError as e:
