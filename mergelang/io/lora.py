@@ -55,6 +55,10 @@ _SUFFIXES = {
     ".lora_embedding_B": ("embedding", "B"),
 }
 _CACHE_ENTRIES = 4
+# The delta is computed in blocks of this many rows, aligned to multiples of it, whatever rows are
+# asked for: a matrix product's rounding can depend on its shape, and this way every element comes
+# from the same product whatever the chunk size, so the output bytes do not depend on it.
+BLOCK_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -132,12 +136,11 @@ class LoraAdapter:
         a, b = self._factors(name, target)
         cols = info.shape[1]
         r0, r1 = start // cols, -(-stop // cols)
-        if target.transpose:  # rows of (B @ A)ᵀ are columns of B @ A
-            rows = (b @ a[:, r0:r1]).T * target.scale
-        else:
-            rows = (b[r0:r1] @ a) * target.scale
-        offset = start - r0 * cols
-        return rows.reshape(-1)[offset:offset + stop - start].clone()
+        first = r0 - r0 % BLOCK_ROWS
+        blocks = [_delta_rows(a, b, target, q, min(q + BLOCK_ROWS, info.shape[0]))
+                  for q in range(first, r1, BLOCK_ROWS)]
+        offset = start - first * cols
+        return torch.cat(blocks).reshape(-1)[offset:offset + stop - start].clone()
 
     def _factors(self, name: str, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
         with self._lock:
@@ -166,6 +169,13 @@ class LoraAdapter:
 
     def __repr__(self) -> str:
         return f"LoraAdapter({str(self.path)!r}, {len(self.targets)} adapted tensors of {self.base.path})"
+
+
+def _delta_rows(a: torch.Tensor, b: torch.Tensor, target: Target, r0: int, r1: int) -> torch.Tensor:
+    """Rows [r0, r1) of the delta, (B @ A) · scale, or its transpose, as PEFT computes it."""
+    if target.transpose:  # rows of (B @ A)ᵀ are columns of B @ A
+        return (b @ a[:, r0:r1]).T * target.scale
+    return (b[r0:r1] @ a) * target.scale
 
 
 def _is_rank(value) -> bool:
@@ -271,7 +281,7 @@ def _check_other(name: str, info: TensorInfo, saved: set[str], weights: Path, ba
             return  # PEFT saves the (frozen) base embedding beside embedding LoRA weights
         found = f"shape {list(have.shape)}" if have is not None else "no such tensor"
         raise CheckpointError(f"the adapter was trained on a base whose {original!r} has shape {list(info.shape)}; "
-                              f"the base model {base.path} has {found} (resized vocabulary?)",
+                              f"the base model {base.path} has {found} (an adapter for another model, or a resized vocabulary?)",
                               path=weights, tensor=name)
     if "lora_magnitude_vector" in name:
         raise CheckpointError("DoRA magnitude vectors are not supported (use_dora adapters)", path=weights,
