@@ -23,4 +23,5 @@ def open_lora(key: str, model, folder: Path, opened: dict[str, Checkpoint], repo
                        notes=(f"looked in {folder}",) if missing else (f"the base model is `{model.base_key}`",),
                        help=("relative paths are relative to the spec's folder; "
                              f"or pass --model {key}=PATH") if missing else
-                       "check that the adapter was trained on this base model with PEFT's LoRA")
+                       "mergelang reads PEFT LoRA adapters (adapter_config.json and adapter_model.safetensors) "
+                       "trained on the base model given as `base=`")

@@ -69,6 +69,12 @@ def run(root: Path, spec: str, out: str, *extra: str) -> dict[str, torch.Tensor]
 SPEC = 'base = model("base")\nad = lora("{adapter}", base=base)\noutput base + ad\n'
 
 
+@pytest.fixture(scope="module")
+def merged(root) -> dict[str, torch.Tensor]:
+    """`base + ad` for the default adapter, written with the default chunk size and 2 threads."""
+    return run(root, SPEC.format(adapter="adapter"), "merged", "-j", "2")
+
+
 def assert_matches_peft(ours: dict, merged) -> None:
     theirs = merged.state_dict()
     assert all(ours[name].dtype == value.dtype == torch.float32 for name, value in theirs.items())
@@ -77,8 +83,8 @@ def assert_matches_peft(ours: dict, merged) -> None:
     assert_close_ulp(ours, dict(theirs), max_ulp=2)
 
 
-def test_merge_equals_peft_merge_and_unload(root):
-    ours = run(root, SPEC.format(adapter="adapter"), "merged")
+def test_merge_equals_peft_merge_and_unload(root, merged):
+    ours = merged
     base = load_file(root / "base" / "model.safetensors")
     changed = {n for n in ours if not torch.equal(ours[n], base[n])}
     # every targeted module changed (so B was not zero), and nothing else did
@@ -87,19 +93,23 @@ def test_merge_equals_peft_merge_and_unload(root):
     assert_matches_peft(ours, peft_merged(root / "base", root / "adapter"))
 
 
-def test_merged_logits_equal_peft_merged_logits(root):
-    run(root, SPEC.format(adapter="adapter"), "merged_logits")
+def test_merged_logits_equal_peft_merged_logits(root, merged):
     ids = torch.tensor([[1, 5, 9, 33, 70, 2, 95]])
     with torch.no_grad():
-        ours = transformers.LlamaForCausalLM.from_pretrained(root / "merged_logits", dtype=torch.float32)(ids).logits
+        ours = transformers.LlamaForCausalLM.from_pretrained(root / "merged", dtype=torch.float32)(ids).logits
         theirs = peft_merged(root / "base", root / "adapter")(ids).logits
         base = transformers.LlamaForCausalLM.from_pretrained(root / "base", dtype=torch.float32)(ids).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert (ours - base).abs().max() > 1e-3  # the adapter does change the model
 
 
-def test_rslora(root):
+@pytest.fixture(scope="module")
+def adapter_rs(root) -> Path:
     make_adapter(root / "base", root / "adapter_rs", seed=2, use_rslora=True, r=8, lora_alpha=4)
+    return root / "adapter_rs"
+
+
+def test_rslora(root, adapter_rs):
     ours = run(root, SPEC.format(adapter="adapter_rs"), "merged_rs")
     assert_matches_peft(ours, peft_merged(root / "base", root / "adapter_rs"))
 
@@ -115,9 +125,9 @@ def test_rank_and_alpha_patterns(root):
 
 
 @pytest.mark.parametrize("chunk, threads", [(40, 1), (7 * 32, 2), (1 << 20, 1)])
-def test_bytes_do_not_depend_on_chunk_size_or_threads(root, chunk, threads):
+def test_bytes_do_not_depend_on_chunk_size_or_threads(root, merged, chunk, threads):
     """Chunks of one row, of rows split mid-way, or of whole tensors give the same bytes."""
-    whole = run(root, SPEC.format(adapter="adapter"), "whole", "-j", "2")
+    whole = merged
     (root / "chunked.ml").write_text(SPEC.format(adapter="adapter"))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -296,3 +306,43 @@ def test_error_base_missing(root, tmp_path):
     result = invoke("check", spec)
     assert result.exit_code == 1
     assert "`lora` needs `base=`" in result.output and f"{spec}:1:8" in result.output
+
+
+def test_unbound_lora_and_model_override(root, merged, adapter_rs):
+    """`base + lora(...)` written inline is the same merge; `--model ad=PATH` rebinds the adapter."""
+    bound = merged
+    inline = run(root, 'base = model("base")\noutput base + lora("adapter", base=base)\n', "inline")
+    assert all(torch.equal(inline[n], bound[n]) for n in bound)
+    rebound = run(root, SPEC.format(adapter="adapter"), "rebound", "--model", f"ad={root / 'adapter_rs'}")
+    peft_rs = peft_merged(root / "base", root / "adapter_rs").state_dict()
+    assert_close_ulp(rebound, dict(peft_rs), max_ulp=2)
+
+
+def test_output_the_delta_alone(root):
+    """`output lora(...)` writes the delta, with the base's tensor list and config."""
+    ours = run(root, 'base = model("base")\noutput lora("adapter", base=base)\n', "delta_only")
+    base = load_file(root / "base" / "model.safetensors")
+    merged = peft_merged(root / "base", root / "adapter").state_dict()
+    assert ours.keys() == base.keys()
+    name = "model.layers.1.mlp.down_proj.weight"
+    torch.testing.assert_close(ours[name], merged[name] - base[name], rtol=1e-4, atol=1e-6)
+    assert torch.equal(ours["model.layers.1.mlp.up_proj.weight"], torch.zeros(48, 32))  # not targeted
+    assert json.loads((root / "delta_only" / "config.json").read_text())["hidden_size"] == 32
+
+
+def test_error_base_is_a_lora(root, tmp_path):
+    spec = tmp_path / "spec.ml"
+    spec.write_text(f'base = model("{root / "base"}")\nad = lora("{root / "adapter"}", base=base)\n'
+                    'ad2 = lora("x", base=ad)\noutput base + ad2\n')
+    result = invoke("check", spec)
+    assert result.exit_code == 1
+    assert "`base` of `lora` must be a model, found a LoRA delta" in result.output
+    assert f"{spec}:3:22" in result.output
+
+
+def test_error_trained_bias(root, tmp_path):
+    def add_bias(t):
+        t["base_model.model.model.layers.0.self_attn.q_proj.bias"] = torch.zeros(32)
+
+    folder = broken(root, tmp_path, config={"bias": "all"}, edit=add_bias)
+    check_fails(root, tmp_path, folder, "'base_model.model.model.layers.0.self_attn.q_proj.bias'", "trained biases")

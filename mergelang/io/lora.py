@@ -283,6 +283,9 @@ def _check_other(name: str, info: TensorInfo, saved: set[str], weights: Path, ba
         raise CheckpointError(f"the adapter was trained on a base whose {original!r} has shape {list(info.shape)}; "
                               f"the base model {base.path} has {found} (an adapter for another model, or a resized vocabulary?)",
                               path=weights, tensor=name)
+    if module.endswith(".bias"):
+        raise CheckpointError("trained biases (bias=\"all\" or \"lora_only\" in adapter_config.json) are not "
+                              "supported; only LoRA deltas of weights are", path=weights, tensor=name)
     if "lora_magnitude_vector" in name:
         raise CheckpointError("DoRA magnitude vectors are not supported (use_dora adapters)", path=weights,
                               tensor=name)
