@@ -281,7 +281,8 @@ class _Lowerer:
         usage = 'write `lora("path/to/adapter", base=MODEL)` with MODEL a name bound to `model(...)`'
         for name, (_, k) in kwargs.items():
             if name != "base":
-                return self.error(KEYWORD, f"`lora` has no parameter `{name}`", k.span, help=usage)
+                return self.error(KEYWORD, f"`lora` has no parameter `{name}`", k.span,
+                                  help=suggest(name, ["base"]) or usage)
         if not args or not isinstance(args[0], str) or len(args) + len(kwargs) > 2:
             found = f"{len(args) + len(kwargs)} arguments" if len(args) + len(kwargs) > 2 or not args \
                 else self.describe(args[0])

@@ -13,6 +13,10 @@ from safetensors.torch import load_file, save_file
 
 from mergelang.api import RunOptions, run as run_api
 from mergelang.cli import main
+from mergelang.diagnostics import MergelangError
+from mergelang.graph import Node
+from mergelang.lower import lower
+from mergelang.parse import parse
 from oracle import assert_close_ulp
 
 peft = pytest.importorskip("peft")
@@ -346,3 +350,40 @@ def test_error_trained_bias(root, tmp_path):
 
     folder = broken(root, tmp_path, config={"bias": "all"}, edit=add_bias)
     check_fails(root, tmp_path, folder, "'base_model.model.model.layers.0.self_attn.q_proj.bias'", "trained biases")
+
+
+# ---- lowering ------------------------------------------------------------------------------------------
+
+
+def lowered(text: str):
+    return lower(parse(text, name="spec.ml", folder=Path("/specs")))
+
+
+def test_lowering_registers_the_adapter_as_an_input():
+    low = lowered('base = model("b")\nad = lora("a", base=base)\nx = lora("a", base=model("c"))\n'
+                  'output base + ad + x\n')
+    assert low.output == Node("add", [Node("add", [Node("load", (), {"model": "base"}),
+                                                   Node("load", (), {"model": "ad"})]),
+                                      Node("load", (), {"model": "x"})])
+    assert [(m.key, m.kind, m.base_key, m.folder) for m in low.inputs.values()] == [
+        ("base", "model", None, Path("/specs/b")), ("ad", "lora", "base", Path("/specs/a")),
+        ("c", "model", None, Path("/specs/c")), ("x", "lora", "c", Path("/specs/a"))]
+    # the output's config and tensor list come from the base of a LoRA used alone
+    assert lowered('base = model("b")\noutput lora("a", base=base)\n').reference_model().key == "base"
+
+
+@pytest.mark.parametrize("text, code, message, where", [
+    ("output lora()", "E003", "`lora` takes the adapter folder as a string and `base=`; found 0 arguments", (1, 8)),
+    ('b = model("b")\noutput lora(5, base=b)', "E005", "found a number", (2, 8)),
+    ('b = model("b")\noutput lora("a", b, base=b)', "E003", "found 3 arguments", (2, 8)),
+    ('b = model("b")\noutput lora("a", bass=b)', "E004", "`lora` has no parameter `bass`", (2, 18)),
+    ('b = model("b")\noutput lora("a", base=0.5)', "E005", "`base` of `lora` must be a model, found a number",
+     (2, 23)),
+    ('b = model("b")\noutput b + lora("a", base="b")', "E005", "must be a model, found a string", (2, 27)),
+])
+def test_lowering_errors(text, code, message, where):
+    with pytest.raises(MergelangError) as info:
+        lowered(text + "\n")
+    (d,) = info.value.diagnostics
+    assert (d.code, (d.span.line, d.span.col)) == (code, where)
+    assert message in d.message
