@@ -136,11 +136,14 @@ class LoraAdapter:
         a, b = self._factors(name, target)
         cols = info.shape[1]
         r0, r1 = start // cols, -(-stop // cols)
-        first = r0 - r0 % BLOCK_ROWS
-        blocks = [_delta_rows(a, b, target, q, min(q + BLOCK_ROWS, info.shape[0]))
-                  for q in range(first, r1, BLOCK_ROWS)]
+        first, end = r0 - r0 % BLOCK_ROWS, min(info.shape[0], -(-r1 // BLOCK_ROWS) * BLOCK_ROWS)
+        rows = torch.empty((end - first, cols), dtype=torch.float32)
+        for q in range(first, end, BLOCK_ROWS):
+            _delta_rows(a, b, target, q, min(q + BLOCK_ROWS, end), rows[q - first:q - first + BLOCK_ROWS])
+        rows.mul_(target.scale)
         offset = start - first * cols
-        return torch.cat(blocks).reshape(-1)[offset:offset + stop - start].clone()
+        flat = rows.view(-1)
+        return flat if offset == 0 and flat.numel() == stop - start else flat[offset:offset + stop - start].clone()
 
     def _factors(self, name: str, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
         with self._lock:
@@ -171,11 +174,12 @@ class LoraAdapter:
         return f"LoraAdapter({str(self.path)!r}, {len(self.targets)} adapted tensors of {self.base.path})"
 
 
-def _delta_rows(a: torch.Tensor, b: torch.Tensor, target: Target, r0: int, r1: int) -> torch.Tensor:
-    """Rows [r0, r1) of the delta, (B @ A) · scale, or its transpose, as PEFT computes it."""
+def _delta_rows(a: torch.Tensor, b: torch.Tensor, target: Target, r0: int, r1: int, out: torch.Tensor) -> None:
+    """Rows [r0, r1) of B @ A, or of its transpose, into `out` (PEFT's product, before the scale)."""
     if target.transpose:  # rows of (B @ A)ᵀ are columns of B @ A
-        return (b @ a[:, r0:r1]).T * target.scale
-    return (b[r0:r1] @ a) * target.scale
+        out.copy_((b @ a[:, r0:r1]).T)
+    else:
+        torch.mm(b[r0:r1], a, out=out)
 
 
 def _is_rank(value) -> bool:
