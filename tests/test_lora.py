@@ -130,7 +130,8 @@ def test_rank_and_alpha_patterns(root):
 
 @pytest.mark.parametrize("chunk, threads", [(40, 1), (7 * 32, 2), (1 << 20, 1)])
 def test_bytes_do_not_depend_on_chunk_size_or_threads(root, merged, chunk, threads):
-    """Chunks of one row, of rows split mid-way, or of whole tensors give the same bytes."""
+    """Chunks of one row, of 7 rows (across the row blocks of the product), or of whole tensors, with
+    1 or 2 threads, give the same bytes."""
     whole = merged
     (root / "chunked.ml").write_text(SPEC.format(adapter="adapter"))
     before = torch.get_num_threads()
@@ -143,6 +144,24 @@ def test_bytes_do_not_depend_on_chunk_size_or_threads(root, merged, chunk, threa
     assert chunked.keys() == whole.keys()
     for name in whole:
         assert torch.equal(chunked[name], whole[name]), name
+
+
+def test_read_any_element_range(root, merged):
+    """`read(name, start, stop)` of any range is that slice of the delta (here: merged - base)."""
+    from mergelang.io import Checkpoint
+    from mergelang.io.lora import LoraAdapter
+
+    base = load_file(root / "base" / "model.safetensors")
+    with Checkpoint.open(root / "base") as ckpt, LoraAdapter.open(root / "adapter", ckpt) as adapter:
+        for name in ("model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight",
+                     "model.layers.0.mlp.up_proj.weight"):
+            whole = adapter.read(name)
+            assert whole.dtype == torch.float32 and whole.numel() == base[name].numel()
+            torch.testing.assert_close(whole.view(base[name].shape), merged[name] - base[name], rtol=1e-4, atol=1e-6)
+            for start, stop in ((0, 1), (5, 77), (31, 33), (250, 1000), (0, 0), (whole.numel() - 3, whole.numel())):
+                assert torch.equal(adapter.read(name, start, stop), whole[start:stop]), (name, start, stop)
+        with pytest.raises(ValueError, match="out of bounds"):
+            adapter.read("model.norm.weight", 0, 10_000)
 
 
 def test_dare_of_lora_equals_dare_of_materialized_delta(root):

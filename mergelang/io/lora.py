@@ -58,7 +58,7 @@ _CACHE_ENTRIES = 4
 # The delta is computed in blocks of this many rows, aligned to multiples of it, whatever rows are
 # asked for: a matrix product's rounding can depend on its shape, and this way every element comes
 # from the same product whatever the chunk size, so the output bytes do not depend on it.
-BLOCK_ROWS = 32
+BLOCK_ROWS = 8
 
 
 @dataclass(frozen=True)
