@@ -243,7 +243,20 @@ def test_check_accepts_good_adapter(root, tmp_path):
     spec.write_text(f'base = model("{root / "base"}")\nad = lora("{root / "adapter"}", base=base)\noutput base + ad\n')
     result = invoke("check", spec)
     assert result.exit_code == 0, result.output
-    assert "ad (" in result.output
+    assert "ok: 21 output tensors" in result.output and "ad (21 tensors)" in result.output
+    result = invoke("explain", spec)
+    assert f"  ad = lora({str(root / 'adapter')!r}, base=base)" in result.output
+    assert "add %0 %1" in result.output
+
+
+def test_missing_base_is_one_error(root, tmp_path):
+    spec = tmp_path / "spec.ml"
+    spec.write_text(f'base = model("{tmp_path / "nobase"}")\nad = lora("{root / "adapter"}", base=base)\n'
+                    'output base + ad\n')
+    result = invoke("check", spec)
+    assert result.exit_code == 1
+    assert "model `base`: checkpoint folder not found" in result.output
+    assert "lora `ad`" not in result.output and "1 error;" in result.output
 
 
 def test_error_missing_folder(root, tmp_path):
