@@ -11,7 +11,8 @@ Every other tensor of the base has a zero delta.
 `LoraAdapter` has the interface of `Checkpoint` (`path`, `tensors`, `files`, `config`,
 `read(name, start, stop)`, `close()`): its tensors are the base model's names, shapes and dtypes,
 and `read` returns float32 elements of the delta. Opening checks everything from the headers;
-`read` computes only the rows asked for, so a delta never needs more than its chunk beyond A and B.
+`read` computes only the rows asked for (rounded out to whole row blocks), so a delta never needs
+more than its chunk of memory beyond A and B.
 """
 
 from __future__ import annotations
