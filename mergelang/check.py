@@ -18,6 +18,7 @@ from .graph import Node, walk
 from .io import Checkpoint, CheckpointError
 from .io.hub import HubError, locate
 from .io.writer import Sized
+from .lora import open_lora
 from .lower import Lowered
 from .ops import OPS
 from .optimize import FoldError, optimize
@@ -107,6 +108,9 @@ def open_inputs(lowered: Lowered, folders: dict[str, Path], reporter: Reporter) 
     opened: dict[str, Checkpoint] = {}
     for key, model in lowered.inputs.items():
         if key not in folders:  # already reported by resolve_inputs
+            continue
+        if model.kind == "lora":
+            open_lora(key, model, folders[key], opened, reporter)
             continue
         try:
             opened[key] = Checkpoint.open(folders[key])

@@ -196,7 +196,8 @@ def explain(spec, models, tensor, unoptimized, dot, reporter):
     reporter.raise_if_errors()
     click.echo("inputs:")
     for key, m in lowered.inputs.items():
-        click.echo(f"  {key} = model({m.path_text!r})  # {folders[key]}")
+        source = f"lora({m.path_text!r}, base={m.base_key})" if m.kind == "lora" else f"model({m.path_text!r})"
+        click.echo(f"  {key} = {source}  # {folders[key]}")
     title = f"graph for {tensor}" if tensor else ("graph" if unoptimized else "optimized graph")
     click.echo(f"{title}:")
     click.echo("  " + render(root, lowered.spans).replace("\n", "\n  "))

@@ -21,7 +21,7 @@ from .ops import OPS, REQUIRED, OpDef
 from .parse import parse_file
 from .resources import stdlib_files
 
-BUILTINS = {"model", "layers"}
+BUILTINS = {"model", "layers", "lora"}
 _BINOPS = {"+": "add", "-": "sub", "*": "mul", "/": "div"}
 
 
@@ -32,6 +32,8 @@ class InputModel:
     folder: Path
     span: ast.Span
     revision: str | None = None  # model("owner/name", revision=...): a branch, tag or commit in the hub cache
+    kind: str = "model"  # or "lora": an adapter folder read as a delta over the model `base_key`
+    base_key: str | None = None
 
 
 @dataclass
@@ -48,7 +50,8 @@ class Lowered:
         used = {n.attr("model") for n in walk(self.output) if n.op == "load"}
         for key, model in self.inputs.items():
             if key in used:
-                return model
+                # A LoRA delta has its base's tensors, config and tokenizer.
+                return self.inputs[model.base_key] if model.kind == "lora" else model
         return next(iter(self.inputs.values()))
 
 
@@ -248,6 +251,8 @@ class _Lowerer:
             return self.model(e, args, kwargs, bind_as)
         if fname == "layers":
             return self.layers(e, args, kwargs)
+        if fname == "lora":
+            return self.lora(e, args, kwargs, bind_as)
         if fname in self.defs:
             return self.call_def(self.defs[fname], e, args, kwargs)
         if fname in OPS:
@@ -272,8 +277,46 @@ class _Lowerer:
                               help='write `model("path/to/checkpoint")` (relative to the spec\'s folder)')
         path_text = args[0]
         key = bind_as or (path_text if revision is None else f"{path_text}@{revision}")
+        if key in self.inputs and self.inputs[key].kind != "model":  # `lora("x", ...)` came first
+            key = f"model({path_text!r})"
         if key not in self.inputs:
             self.inputs[key] = InputModel(key, path_text, (self.folder / path_text), e.span, revision)
+        return self.at(Node("load", (), {"model": key}), e.span)
+
+    def lora(self, e: ast.Call, args, kwargs, bind_as: str | None) -> Any:
+        usage = 'write `lora("path/to/adapter", base=MODEL)` with MODEL a name bound to `model(...)`'
+        for name, (_, k) in kwargs.items():
+            if name != "base":
+                return self.error(KEYWORD, f"`lora` has no parameter `{name}`", k.span,
+                                  help=suggest(name, ["base"]) or usage)
+        if not args or not isinstance(args[0], str) or len(args) + len(kwargs) > 2:
+            found = f"{len(args) + len(kwargs)} arguments" if len(args) + len(kwargs) > 2 or not args \
+                else self.describe(args[0])
+            return self.error(ARITY if len(args) + len(kwargs) > 2 or not args else TYPE,
+                              f"`lora` takes the adapter folder as a string and `base=`; found {found}",
+                              e.span, help=usage)
+        if len(args) == 2 and "base" in kwargs:
+            return self.error(KEYWORD, "`base` is given twice", kwargs["base"][1].span, help=usage)
+        if len(args) == 2:
+            base, base_span = args[1], e.args[1].span
+        elif "base" in kwargs:
+            base, base_span = kwargs["base"][0], kwargs["base"][1].value.span
+        else:
+            return self.error(ARITY, "`lora` needs `base=`, the model the adapter was trained on", e.span,
+                              help=usage)
+        base_input = self.inputs.get(base.attr("model")) if isinstance(base, Node) and base.op == "load" else None
+        if base_input is None or base_input.kind != "model":
+            found = "a LoRA delta" if base_input is not None else self.describe(base)
+            return self.error(TYPE, f"`base` of `lora` must be a model, found {found}", base_span,
+                              label="not a model", help=usage)
+        path_text = args[0]
+        key = bind_as or path_text
+        known = self.inputs.get(key)
+        if known is not None and (known.kind, known.base_key) != ("lora", base_input.key):
+            key = f"{path_text}@{base_input.key}"
+        if key not in self.inputs:
+            self.inputs[key] = InputModel(key, path_text, self.folder / path_text, e.span,
+                                          kind="lora", base_key=base_input.key)
         return self.at(Node("load", (), {"model": key}), e.span)
 
     def layers(self, e: ast.Call, args, kwargs) -> Any:
