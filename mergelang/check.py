@@ -20,16 +20,13 @@ from .io.writer import Sized
 from .lower import Lowered
 from .ops import OPS
 from .optimize import FoldError, optimize
+from .output_options import DTYPE_ALIASES
 from .specialize import LayerInfo, NoMatchingArm, specialize
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 # Matrices with one row per vocabulary entry: models with different vocabularies disagree on their
 # row count only, and (as in mergekit) the merge keeps the rows they have in common.
 EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_in", "embed_out", "tok_embeddings")
-DTYPE_ALIASES = {
-    "bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "half": "F16",
-    "fp32": "F32", "float32": "F32", "float": "F32", "fp64": "F64", "float64": "F64",
-}
 TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
 
