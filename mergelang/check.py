@@ -237,7 +237,7 @@ def _common_rows(graph: Node, tensor: str, plan: Plan, cuts) -> int | None:
     shapes = {key: info.shape for key, info in infos.items() if info is not None and info.shape}
     if plan.lowered.options.tokenizer and shapes:
         rows = vocab_rows(tensor, shapes, plan)
-        if rows is not None and (rows[0] != rows[1] or len({s[0] for s in shapes.values()}) > 1):
+        if rows is not None and any(r != rows[1] for r in [rows[0]] + [s[0] for s in shapes.values()]):
             plan.vocab_rows[tensor] = rows
             return rows[0]
     if len({s[0] for s in shapes.values()}) < 2 or len({s[1:] for s in shapes.values()}) != 1:

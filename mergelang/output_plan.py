@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 
 from .diagnostics import MISSING_TENSOR, SHAPE, Reporter
+from .graph import walk
 from .specialize import layer_index
 
 # Buffers that transformers recomputes at load time; checkpoints saved by older versions hold them.
@@ -99,6 +100,8 @@ def vocab_rows(tensor: str, shapes: dict[str, tuple[int, ...]], plan):
 def report_vocab(plan, widened: dict[tuple[int, int], list[str]], reporter: Reporter) -> None:
     """One warning per (common rows, output rows), and the check of the tokenizers' common prefix."""
     tokenizer = plan.lowered.options.tokenizer
+    if tokenizer is None:
+        return
     span = plan.lowered.options.span("tokenizer")
     for (common, rows), tensors in widened.items():
         shown = ", ".join(f"`{t}`" for t in tensors)
@@ -109,6 +112,10 @@ def report_vocab(plan, widened: dict[tuple[int, int], list[str]], reporter: Repo
         reporter.warn(SHAPE, f"the models' vocabularies differ; with tokenizer={tokenizer} the output has "
                              f"`{tokenizer}`'s {rows} rows in {shown}: {what}", span)
         _check_prefix(plan, common, reporter)
+    if not widened:  # one vocabulary size: the tokenizers must still agree on every id
+        rows = next((t.shape[0] for t in plan.tensors if _is_input_embedding(t)), None)
+        if rows is not None:
+            _check_prefix(plan, rows, reporter)
 
 
 def _vocab(folder: Path) -> dict[int, str] | None:
@@ -136,8 +143,9 @@ def _check_prefix(plan, common: int, reporter: Reporter) -> None:
     mine = _vocab(plan.checkpoints[tokenizer].path)
     if mine is None:
         return
+    used = {n.attr("model") for n in walk(plan.lowered.output) if n.op == "load"}
     for key, ckpt in plan.checkpoints.items():
-        theirs = _vocab(ckpt.path) if key != tokenizer else None
+        theirs = _vocab(ckpt.path) if key != tokenizer and key in used else None
         if theirs is None:
             continue
         for i in range(common):
@@ -149,13 +157,16 @@ def _check_prefix(plan, common: int, reporter: Reporter) -> None:
                 break
 
 
+def _is_input_embedding(tp) -> bool:
+    return len(tp.shape) == 2 and any(tp.name.endswith(e) for e in INPUT_EMBEDDINGS)
+
+
 def config_updates(plan, config: dict | None) -> dict:
     """vocab_size and num_hidden_layers that match the planned tensors, where `config` says otherwise."""
     updates: dict = {}
     if not config:
         return updates
-    rows = next((t.shape[0] for t in plan.tensors
-                 if len(t.shape) == 2 and any(t.name.endswith(e) for e in INPUT_EMBEDDINGS)), None)
+    rows = next((t.shape[0] for t in plan.tensors if _is_input_embedding(t)), None)
     if rows is not None and isinstance(config.get("vocab_size"), int) and config["vocab_size"] != rows:
         updates["vocab_size"] = rows
     found = [i for i in (layer_index(t.name) for t in plan.tensors) if i is not None]

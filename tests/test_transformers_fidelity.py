@@ -217,6 +217,18 @@ def test_tokenizer_model_gives_its_vocabulary(two_vocabs, chunk):
     assert load(out).model.embed_tokens.weight.shape == (72, 32)
 
 
+def test_a_smaller_tokenizer_model_cuts_the_vocabulary(two_vocabs):
+    """The formula's models have 72 rows (ft first), the tokenizer model 64: the output has 64."""
+    tmp, b, f = two_vocabs
+    spec = 'base = model("base")\nft = model("ft")\noutput ft + 0.5 * (base - ft), tokenizer=base\n'
+    out = merge(tmp, spec)
+    written = tensors(out)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(written[name], f[name][:64] + 0.5 * (b[name] - f[name][:64]))
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 64
+    assert (out / "tokenizer.json").read_bytes() == (tmp / "base" / "tokenizer.json").read_bytes()
+
+
 def test_disagreeing_tokenizers_are_named(two_vocabs):
     tmp, _, _ = two_vocabs
     make_tokenizer(tmp / "base", 64, rename={17: "seventeen"})
@@ -224,6 +236,15 @@ def test_disagreeing_tokenizers_are_named(two_vocabs):
     merge(tmp, SPEC_VOCAB.format(options=", tokenizer=ft"), reporter)
     messages = [w.message for w in reporter.warnings]
     assert any("disagree at id 17: 't17' vs 'seventeen'" in m for m in messages), messages
+    # one vocabulary size: the check runs all the same
+    make_model(tmp / "same", seed=5, vocab=64)
+    make_tokenizer(tmp / "same", 64, rename={3: "three"})
+    reporter = Reporter()
+    (tmp / "out").rename(tmp / "out-before")
+    merge(tmp, 'base = model("base")\nsame = model("same")\noutput base + 0 * same, tokenizer=same\n', reporter)
+    assert [w.message for w in reporter.warnings] == [
+        "the tokenizers of `same` and `base` disagree at id 3: 'three' vs 't3'; their embedding rows are "
+        "merged all the same, row by row"]
 
 
 def test_tokenizer_config_and_chat_template_options(tmp_path):
