@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import ast
 from .diagnostics import INPUT, KEYWORD, TYPE, suggest
+from .graph import Node
 
 DTYPE_ALIASES = {
     "bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "half": "F16",
@@ -38,8 +39,7 @@ class OutputOptions:
 
 def lower_options(lowerer, options: tuple[ast.Keyword, ...], scope) -> OutputOptions:
     """Check and evaluate the options of the output statement (errors go to the lowerer's reporter)."""
-    from .graph import Node
-    from .lower import POISON
+    from .lower import POISON  # lower imports this module
 
     values: dict[str, object] = {}
     spans = []

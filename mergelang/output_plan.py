@@ -15,7 +15,8 @@ embeddings, the buffers transformers recomputes, and the config fields that must
   recomputes from the config: they are skipped silently, whoever has them. Any other tensor that a
   model the formula uses lacks stays an error naming the model and the tensor.
 - config.json: `vocab_size` equals the output's embedding rows, `num_hidden_layers` the output's
-  layer count (the dtype is handled by the writer's caller).
+  layer count, `tie_word_embeddings` whether the output has no head of its own (matters with
+  `config=` another model; the dtype is handled by the writer's caller).
 """
 
 from __future__ import annotations
@@ -169,7 +170,22 @@ def config_updates(plan, config: dict | None) -> dict:
     rows = next((t.shape[0] for t in plan.tensors if _is_input_embedding(t)), None)
     if rows is not None and isinstance(config.get("vocab_size"), int) and config["vocab_size"] != rows:
         updates["vocab_size"] = rows
+    names = {t.name for t in plan.tensors}
+    for head, embeddings in TIED.items():
+        if any(e in names for e in embeddings):
+            tied = head not in names
+            if config.get("tie_word_embeddings", False) != tied:
+                updates["tie_word_embeddings"] = tied
+    # Only where the reference's own config counts its layer tensors (not so with extra prediction layers).
+    ref = plan.checkpoints[plan.reference]
     found = [i for i in (layer_index(t.name) for t in plan.tensors) if i is not None]
-    if found and isinstance(config.get("num_hidden_layers"), int) and config["num_hidden_layers"] != max(found) + 1:
+    counts = (ref.config or {}).get("num_hidden_layers") == _layers(ref.tensors)
+    if found and counts and isinstance(config.get("num_hidden_layers"), int) \
+            and config["num_hidden_layers"] != max(found) + 1:
         updates["num_hidden_layers"] = max(found) + 1
     return updates
+
+
+def _layers(names) -> int:
+    found = [i for i in map(layer_index, names) if i is not None]
+    return max(found) + 1 if found else 0

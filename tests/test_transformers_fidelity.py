@@ -311,6 +311,14 @@ def test_config_from_another_model_follows_the_tensors(tmp_path):
     assert written["rope_theta"] == 1234.0 or written.get("rope_parameters", {}).get("rope_theta") == 1234.0
 
 
+def test_config_of_a_tied_model_for_an_untied_output(tmp_path):
+    make_model(tmp_path / "base", tie=False)
+    make_model(tmp_path / "tied", seed=3, tie=True)
+    out = merge(tmp_path, 'base = model("base")\ntied = model("tied")\noutput base, config=tied\n')
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    assert torch.equal(logits(load(out)), logits(load(tmp_path / "base")))
+
+
 def test_rotary_caches_are_skipped_and_missing_weights_named(tmp_path):
     make_model(tmp_path / "base")
     make_model(tmp_path / "ft", seed=2)
