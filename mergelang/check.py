@@ -53,7 +53,7 @@ class TensorPlan(Sized):
 class Plan:
     lowered: Lowered
     checkpoints: dict[str, Checkpoint]  # model key → open checkpoint
-    reference: str  # the model whose tensor list, config and tokenizer the output takes
+    reference: str  # the model whose tensor list (and by default config and tokenizer) the output takes
     tensors: list[TensorPlan] = field(default_factory=list)
     config_updates: dict = field(default_factory=dict)  # e.g. vocab_size after cutting embeddings
     vocab_rows: dict[str, tuple[int, int]] = field(default_factory=dict)  # tensor → (merged, output) rows
