@@ -84,8 +84,10 @@ def write_plan(plan: Plan, out: Path, options: RunOptions, progress=None) -> Pat
         with atomic_output_dir(out, force=options.force) as tmp:
             with ShardedWriter(tmp, tensors, options.shard_size, metadata={"format": "pt"}) as writer:
                 execute(plan, writer, ExecOptions(options.seed, options.device, options.chunk), progress)
-            copy_model_files(plan.checkpoints[plan.reference].path, tmp, dtype_name=dtype_name,
-                             config_updates=plan.config_updates)
+            copy_model_files(plan.checkpoints[plan.config_source].path, tmp, dtype_name=dtype_name,
+                             config_updates=plan.config_updates,
+                             tokenizer_src=plan.checkpoints[plan.tokenizer_source].path,
+                             chat_template=plan.lowered.options.chat_template)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise MergelangError(Diagnostic(

@@ -22,16 +22,16 @@ from .lora import open_lora
 from .lower import Lowered
 from .ops import OPS
 from .optimize import FoldError, optimize
+from .output_options import DTYPE_ALIASES
+from .output_plan import (
+    TIED, config_updates, is_recomputed_buffer, report_ties, report_vocab, tie_heads, vocab_rows,
+)
 from .specialize import LayerInfo, NoMatchingArm, specialize
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 # Matrices with one row per vocabulary entry: models with different vocabularies disagree on their
 # row count only, and (as in mergekit) the merge keeps the rows they have in common.
 EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_in", "embed_out", "tok_embeddings")
-DTYPE_ALIASES = {
-    "bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "half": "F16",
-    "fp32": "F32", "float32": "F32", "float": "F32", "fp64": "F64", "float64": "F64",
-}
 TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
 
@@ -41,15 +41,34 @@ class TensorPlan(Sized):
     graph: Node  # specialized and optimized for this tensor
     shape: tuple[int, ...]
     dtype: str  # output safetensors dtype code
+    # (model, first row): rows from `first row` on are copied from that model (the tokenizer model's
+    # embedding rows beyond the vocabulary every model shares); the graph computes the rows before.
+    tail: tuple[str, int] | None = None
+
+    @property
+    def graph_shape(self) -> tuple[int, ...]:
+        """The shape the graph computes: the whole tensor, or the rows before the tail."""
+        return self.shape if self.tail is None else (self.tail[1],) + tuple(self.shape[1:])
 
 
 @dataclass
 class Plan:
     lowered: Lowered
     checkpoints: dict[str, Checkpoint]  # model key → open checkpoint
-    reference: str  # the model whose tensor list, config and tokenizer the output takes
+    reference: str  # the model whose tensor list (and by default config and tokenizer) the output takes
     tensors: list[TensorPlan] = field(default_factory=list)
     config_updates: dict = field(default_factory=dict)  # e.g. vocab_size after cutting embeddings
+    vocab_rows: dict[str, tuple[int, int]] = field(default_factory=dict)  # tensor → (merged, output) rows
+
+    @property
+    def config_source(self) -> str:
+        """The model whose config.json and generation_config.json the output carries."""
+        return self.lowered.options.config or self.reference
+
+    @property
+    def tokenizer_source(self) -> str:
+        """The model whose tokenizer files (and vocabulary size) the output carries."""
+        return self.lowered.options.tokenizer or self.reference
 
     @property
     def output_bytes(self) -> int:
@@ -147,7 +166,7 @@ def build_plan(lowered: Lowered, overrides: dict[str, Path] | None = None, dtype
                reporter: Reporter | None = None) -> Plan:
     """Open every input's headers and plan each output tensor; raises MergelangError on any problem."""
     reporter = reporter or Reporter()
-    out_dtype = parse_dtype(dtype)
+    out_dtype = parse_dtype(dtype) or lowered.options.dtype
     folders = resolve_inputs(lowered, overrides or {}, reporter, strict=True)
     checkpoints = open_inputs(lowered, folders, reporter)
     try:
@@ -168,7 +187,10 @@ def _plan_tensors(plan: Plan, out_dtype: str | None, reporter: Reporter) -> None
     layers = LayerInfo.from_model(list(ref.tensors), ref.config)
     missing, no_match, shapes, dtypes, not_tensor, ranges, folds, cuts = (_Grouped() for _ in range(8))
     used_models: set[str] = set()
+    ties = tie_heads(plan)
     for name, info in ref.tensors.items():
+        if is_recomputed_buffer(name):
+            continue
         try:
             graph = optimize(specialize(lowered.output, name, layers, lowered.spans), lowered.spans)
         except NoMatchingArm as e:
@@ -184,7 +206,12 @@ def _plan_tensors(plan: Plan, out_dtype: str | None, reporter: Reporter) -> None
         if shape is None:
             not_tensor.add((graph,), name)
             continue
-        plan.tensors.append(TensorPlan(name, graph, shape, out_dtype or info.dtype))
+        tail = None
+        if name in plan.vocab_rows:
+            common, rows = plan.vocab_rows[name]
+            shape = (rows,) + tuple(shape[1:])
+            tail = (plan.lowered.options.tokenizer, common) if rows > common else None
+        plan.tensors.append(TensorPlan(name, graph, shape, out_dtype or info.dtype, tail))
     spans = lowered.spans
     for (key,), tensors in missing.items.items():
         reporter.error(MISSING_TENSOR, f"model `{key}` has no tensor {_examples(tensors)}, which `{plan.reference}` has",
@@ -194,9 +221,14 @@ def _plan_tensors(plan: Plan, out_dtype: str | None, reporter: Reporter) -> None
     for (rows, found), tensors in cuts.items.items():
         reporter.warn(SHAPE, f"the models' vocabularies differ: {_examples(tensors)} "
                              f"{'has' if len(tensors) == 1 else 'have'} {found}; the output keeps the "
-                             f"{rows} rows they have in common, as mergekit does", lowered.output_span)
-        if rows != ref.tensors[tensors[0]].shape[0]:
-            plan.config_updates["vocab_size"] = rows
+                             f"{rows} rows they have in common, as mergekit does", lowered.output_span,
+                      help="with `output ..., tokenizer=MODEL` the output keeps MODEL's vocabulary")
+    widened: dict[tuple[int, int], list[str]] = defaultdict(list)
+    for tensor, rows in plan.vocab_rows.items():
+        widened[rows].append(tensor)
+    report_vocab(plan, widened, reporter)
+    report_ties(plan, ties, used_models, reporter)
+    plan.config_updates.update(config_updates(plan, plan.checkpoints[plan.config_source].config))
     for (message, span), tensors in folds.items.items():
         where = "" if len(tensors) == len(ref.tensors) else f" (for {_examples(tensors)})"
         reporter.error(ARITHMETIC, f"{message}{where}", span, label="divides by 0")
@@ -232,6 +264,11 @@ def _common_rows(graph: Node, tensor: str, plan: Plan, cuts) -> int | None:
     infos = {n.attr("model"): plan.checkpoints[n.attr("model")].tensors.get(tensor)
              for n in walk(graph) if n.op == "load"}
     shapes = {key: info.shape for key, info in infos.items() if info is not None and info.shape}
+    if plan.lowered.options.tokenizer and shapes:
+        rows = vocab_rows(tensor, shapes, plan)
+        if rows is not None and any(r != rows[1] for r in [rows[0]] + [s[0] for s in shapes.values()]):
+            plan.vocab_rows[tensor] = rows
+            return rows[0]
     if len({s[0] for s in shapes.values()}) < 2 or len({s[1:] for s in shapes.values()}) != 1:
         return None
     rows = min(s[0] for s in shapes.values())
@@ -306,7 +343,7 @@ def _warn_unused(plan: Plan, used: set[str], reporter: Reporter) -> None:
     for key, ckpt in plan.checkpoints.items():
         if key not in used:
             continue
-        extra = [t for t in ckpt.tensors if t not in ref.tensors]
+        extra = [t for t in ckpt.tensors if t not in ref.tensors and not is_recomputed_buffer(t) and t not in TIED]
         if extra:
             reporter.warn(MISSING_TENSOR, f"model `{key}` has tensors that `{plan.reference}` lacks; they are "
                                           f"left out of the output: {_examples(extra)}",

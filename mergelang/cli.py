@@ -121,7 +121,7 @@ def main():
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of random ops.")
 @model_option
-@click.option("--dtype", callback=_dtype, help="Output dtype (bf16, fp16, fp32); default: the base model's.")
+@click.option("--dtype", callback=_dtype, help="Output dtype (bf16, fp16, fp32); default: the spec's dtype=, else the base model's.")
 @click.option("--shard-size", default="5GB", show_default=True, callback=_size, help="Largest output shard.")
 @click.option("--device", default="cpu", show_default=True, help="Where to compute: cpu, cuda, cuda:1, ...")
 @click.option("-j", "--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores). "

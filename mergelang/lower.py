@@ -18,6 +18,7 @@ from .diagnostics import (
 )
 from .graph import Node, Spans, const, walk, with_random_key
 from .ops import OPS, REQUIRED, OpDef
+from .output_options import OutputOptions, lower_options
 from .parse import parse_file
 from .resources import stdlib_files
 
@@ -45,6 +46,7 @@ class Lowered:
     spans: Spans
     sources: dict[str, ast.Source]
     output_span: ast.Span
+    options: OutputOptions = field(default_factory=OutputOptions)
 
     def reference_model(self) -> InputModel:
         used = {n.attr("model") for n in walk(self.output) if n.op == "load"}
@@ -536,6 +538,7 @@ def lower(program: ast.Program, reporter: Reporter | None = None) -> Lowered:
     lowerer.pending_names = {st.name.id: st.span.line for st in assigns}
     globals_ = lowerer.globals
     output_value: Any = POISON
+    options = OutputOptions()
     for st in program.statements:
         if isinstance(st, ast.Assign):
             name = st.name.id
@@ -555,6 +558,7 @@ def lower(program: ast.Program, reporter: Reporter | None = None) -> Lowered:
         elif isinstance(st, ast.Output):
             if st is outputs[0]:
                 output_value = lowerer.expr(st.value, globals_)
+                options = lower_options(lowerer, st.options, globals_)
     if not outputs:
         end = program.source.text.count("\n") or 1
         reporter.error(OUTPUT_COUNT, "the spec has no `output` statement",
@@ -571,7 +575,7 @@ def lower(program: ast.Program, reporter: Reporter | None = None) -> Lowered:
             reporter.error(TYPE, f"the output must be a tensor, found {lowerer.describe(output_value)}",
                            outputs[0].value.span, help="the output must involve at least one `model(...)`")
     reporter.raise_if_errors()
-    return Lowered(output_value, lowerer.inputs, lowerer.spans, sources, outputs[0].span)
+    return Lowered(output_value, lowerer.inputs, lowerer.spans, sources, outputs[0].span, options)
 
 
 def lower_file(path: Path, reporter: Reporter | None = None) -> Lowered:
