@@ -21,6 +21,7 @@ from .lower import Lowered
 from .ops import OPS
 from .optimize import FoldError, optimize
 from .specialize import LayerInfo, NoMatchingArm, specialize
+from . import stacking
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 # Matrices with one row per vocabulary entry: models with different vocabularies disagree on their
@@ -140,9 +141,15 @@ def _plan_tensors(plan: Plan, out_dtype: str | None, reporter: Reporter) -> None
     layers = LayerInfo.from_model(list(ref.tensors), ref.config)
     missing, no_match, shapes, dtypes, not_tensor, ranges, folds, cuts = (_Grouped() for _ in range(8))
     used_models: set[str] = set()
-    for name, info in ref.tensors.items():
+    stacked = _stacking(plan, reporter) if stacking.is_stacked(lowered.output) else None
+    if stacked is False:
+        return
+    names = [(name, info.dtype) for name, info in ref.tensors.items()] if stacked is None else \
+        stacking.output_tensors(stacked, plan.checkpoints, plan.reference)
+    for name, source_dtype in names:
         try:
-            graph = optimize(specialize(lowered.output, name, layers, lowered.spans), lowered.spans)
+            graph = optimize(specialize(lowered.output, name, layers, lowered.spans) if stacked is None
+                             else stacked.specialize(name), lowered.spans)
         except NoMatchingArm as e:
             no_match.add((e.node,), name)
             continue
@@ -156,7 +163,7 @@ def _plan_tensors(plan: Plan, out_dtype: str | None, reporter: Reporter) -> None
         if shape is None:
             not_tensor.add((graph,), name)
             continue
-        plan.tensors.append(TensorPlan(name, graph, shape, out_dtype or info.dtype))
+        plan.tensors.append(TensorPlan(name, graph, shape, out_dtype or source_dtype))
     spans = lowered.spans
     for (key,), tensors in missing.items.items():
         reporter.error(MISSING_TENSOR, f"model `{key}` has no tensor {_examples(tensors)}, which `{plan.reference}` has",
@@ -193,6 +200,21 @@ def _plan_tensors(plan: Plan, out_dtype: str | None, reporter: Reporter) -> None
     _warn_unused(plan, used_models, reporter)
 
 
+def _stacking(plan: Plan, reporter: Reporter):
+    """The layer structure of a stacked output (and its config's new layer count), or False after
+    reporting a problem with it."""
+    ref = plan.checkpoints[plan.reference]
+    try:
+        stacked = stacking.prepare(plan.lowered.output, plan.checkpoints, ref.config, plan.lowered.spans)
+    except stacking.StackError as e:
+        spans = plan.lowered.spans
+        span = (spans.arg(e.node, e.arg)[0] if e.arg is not None else None) or spans.first(e.node)
+        reporter.error(e.code, e.message, span, help=e.help)
+        return False
+    plan.config_updates.update(stacking.config_updates(stacked, ref.config))
+    return stacked
+
+
 _BAD = object()
 
 
@@ -200,7 +222,7 @@ def _common_rows(graph: Node, tensor: str, plan: Plan, cuts) -> int | None:
     """For an embedding matrix whose models differ only in their number of rows: the smallest."""
     if not any(part in tensor for part in EMBEDDING_NAMES):
         return None
-    infos = {n.attr("model"): plan.checkpoints[n.attr("model")].tensors.get(tensor)
+    infos = {n.attr("model"): plan.checkpoints[n.attr("model")].tensors.get(n.attr("tensor") or tensor)
              for n in walk(graph) if n.op == "load"}
     shapes = {key: info.shape for key, info in infos.items() if info is not None and info.shape}
     if len({s[0] for s in shapes.values()}) < 2 or len({s[1:] for s in shapes.values()}) != 1:
@@ -221,9 +243,10 @@ def _infer(graph: Node, tensor: str, plan: Plan, missing, shapes, dtypes, used: 
         elif n.op == "load":
             key = n.attr("model")
             used.add(key)
-            info = plan.checkpoints[key].tensors.get(tensor)
+            source = n.attr("tensor") or tensor  # a load inside `layer_range` reads another layer
+            info = plan.checkpoints[key].tensors.get(source)
             if info is None:
-                missing.add((key,), tensor)
+                missing.add((key,), source)
                 shape_of[n], bad = _BAD, True
             else:
                 if info.dtype not in FLOAT_DTYPES:
