@@ -20,7 +20,7 @@ from .io.writer import Sized
 from .lower import Lowered
 from .ops import OPS
 from .optimize import FoldError, optimize
-from .specialize import LayerInfo, NoMatchingArm, specialize
+from .specialize import LayerInfo, NoMatchingArm, layer_index, specialize
 from . import stacking
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
@@ -205,13 +205,13 @@ def _stacking(plan: Plan, reporter: Reporter):
     reporting a problem with it."""
     ref = plan.checkpoints[plan.reference]
     try:
-        stacked = stacking.prepare(plan.lowered.output, plan.checkpoints, ref.config, plan.lowered.spans)
+        stacked = stacking.prepare(plan.lowered.output, plan.checkpoints, plan.lowered.spans)
     except stacking.StackError as e:
         spans = plan.lowered.spans
         span = (spans.arg(e.node, e.arg)[0] if e.arg is not None else None) or spans.first(e.node)
         reporter.error(e.code, e.message, span, help=e.help)
         return False
-    plan.config_updates.update(stacking.config_updates(stacked, ref.config))
+    plan.config_updates.update(stacking.config_updates(stacked, plan.checkpoints, plan.reference))
     return stacked
 
 
@@ -297,10 +297,12 @@ def _check_params(graph: Node, tensor: str, lowered: Lowered, ranges) -> None:
 
 def _warn_unused(plan: Plan, used: set[str], reporter: Reporter) -> None:
     ref = plan.checkpoints[plan.reference]
+    stacked = stacking.is_stacked(plan.lowered.output)
     for key, ckpt in plan.checkpoints.items():
         if key not in used:
             continue
-        extra = [t for t in ckpt.tensors if t not in ref.tensors]
+        extra = [t for t in ckpt.tensors if t not in ref.tensors
+                 and not (stacked and layer_index(t) is not None)]  # a stack picks its layers
         if extra:
             reporter.warn(MISSING_TENSOR, f"model `{key}` has tensors that `{plan.reference}` lacks; they are "
                                           f"left out of the output: {_examples(extra)}",

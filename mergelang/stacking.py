@@ -176,7 +176,7 @@ class Stacking:
         return go(self.root, index, index, n)
 
 
-def prepare(root: Node, checkpoints: dict, config: dict | None, spans: Spans | None) -> Stacking:
+def prepare(root: Node, checkpoints: dict, spans: Spans | None) -> Stacking:
     """The Stacking of a graph that has `stack` or `layer_range`; raises StackError for a layer count
     out of range, parts that disagree, or a whole-model statistic (its tensors would be renamed)."""
     from .diagnostics import SHAPE, TYPE
@@ -228,8 +228,17 @@ def output_tensors(stacking: Stacking, checkpoints: dict, reference: str) -> lis
     return pre + layers + post
 
 
-def config_updates(stacking: Stacking, config: dict | None) -> dict:
-    """The output's layer count, under the key the reference config uses (num_hidden_layers by default)."""
-    key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers") if config and k in config),
-               "num_hidden_layers")
-    return {key: stacking.num_layers}
+def config_updates(stacking: Stacking, checkpoints: dict, reference: str) -> dict:
+    """The output's layer count, under the key the reference config uses (num_hidden_layers by
+    default), and its per-layer `layer_types` list (Qwen2, Gemma, ...) taken from each source layer."""
+    config = checkpoints[reference].config or {}
+    key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers") if k in config), "num_hidden_layers")
+    updates = {key: stacking.num_layers}
+    if isinstance(config.get("layer_types"), list):
+        types = []
+        for k in range(stacking.num_layers):
+            model, i = stacking.source_of(k)
+            source = (checkpoints[model].config or {}).get("layer_types")
+            types.append(source[i] if isinstance(source, list) and i < len(source) else config["layer_types"][0])
+        updates["layer_types"] = types
+    return updates

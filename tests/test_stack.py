@@ -236,3 +236,25 @@ def test_parts_with_different_shapes_outside_the_layers(six, tmp_path):
     assert ("error[E009]: the parts of `stack` have different shapes outside the layer stack: "
             "`lm_head.weight` is [128, 32] in `a` and [128, 16] in `small`") in result.output
     assert f"{spec}:3:8" in result.output
+
+
+def test_layer_types_follow_their_source_layers(tmp_path):
+    """Configs with a per-layer list (Qwen2, Gemma: `layer_types`) get it rebuilt from each source layer."""
+    kinds = [f"kind{i}" for i in range(LAYERS)]
+    make_family(tmp_path, 1, config={**TINY_LLAMA, "num_hidden_layers": LAYERS, "layer_types": kinds})
+    spec = 'a = model("base")\nb = model("ft0")\noutput stack(layer_range(a, 4, 6), layer_range(b, 0, 3))\n'
+    run_mergelang(spec, tmp_path, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 5
+    assert config["layer_types"] == ["kind4", "kind5", "kind0", "kind1", "kind2"]
+
+
+def test_no_warning_for_layers_a_stack_leaves_out(six, tmp_path):
+    """The deeper model's layers 2..5 are not in the 2-layer reference, but a stack picks its layers."""
+    make_family(tmp_path, 0)  # a 2-layer base
+    spec = tmp_path / "short.ml"
+    spec.write_text(f'a = model("base")\nb = model("{six / "ft1"}")\n'
+                    'output stack(layer_range(a, 0, 1), layer_range(b, 5, 6))\n')
+    result = CliRunner().invoke(main, ["check", str(spec)])
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
+    assert "ok: 21 output tensors" in result.output  # 2 layers of 9 tensors, embedding, norm, head
