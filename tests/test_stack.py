@@ -155,6 +155,18 @@ def test_layer_range_alone_and_nested(tmp_path):
     }
 
 
+def test_nested_stacks_and_a_list_of_ranges(tmp_path):
+    """`layer_range([x, y], ...)` broadcasts; a stack inside a stack is a part whose parts are innermost."""
+    spec = ('x = model("x")\ny = model("y")\n'
+            'output stack(stack(layer_range([x, y], 1, 3)), layers(1, 3) * stack(layer_range(y, 0, 1), layer_range(x, 0, 2)))\n')
+    assert values(run_tensors(spec, hand_models(), tmp_path)) == {
+        "model.layers.0.w": 11, "model.layers.1.w": 12, "model.layers.2.w": 21, "model.layers.3.w": 22,
+        # the `layers` multiplies a 3-layer part (its inner parts do not matter to it): t = 0, 0.5, 1
+        "model.layers.4.w": 1 * 20, "model.layers.5.w": 2 * 10, "model.layers.6.w": 3 * 11,
+        "model.embed_tokens.weight": 10.5, "model.norm.weight": 1 * 10.25,
+    }
+
+
 def test_match_inside_a_part_sees_the_output_name(tmp_path):
     """As mergekit's `filter` does: the output layer 2 is y's layer 0, and "layers.2." matches it."""
     spec = ('x = model("x")\ny = model("y")\n'
