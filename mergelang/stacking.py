@@ -22,9 +22,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .diagnostics import RANGE, SHAPE, TYPE
 from .graph import Node, Spans, const, walk
+from .ops import OPS
 from .optimize import fold
-from .specialize import NoMatchingArm, NotANumber, interpolate, layer_index, matches
+from .specialize import LayerInfo, NoMatchingArm, NotANumber, interpolate, layer_index, matches
 
 STRUCTURAL_OPS = ("stack", "layer_range")
 # Tensors outside the layer stack that belong before it (the input embeddings); the rest belong after.
@@ -66,8 +68,6 @@ class Stacking:
 
     def depth(self, node: Node) -> int | None:
         """The node's number of layers (None for a number); raises StackError for a mismatch."""
-        from .diagnostics import RANGE, SHAPE
-
         for n in walk(node):
             if n in self._depth:
                 continue
@@ -179,10 +179,6 @@ class Stacking:
 def prepare(root: Node, checkpoints: dict, spans: Spans | None) -> Stacking:
     """The Stacking of a graph that has `stack` or `layer_range`; raises StackError for a layer count
     out of range, parts that disagree, or a whole-model statistic (its tensors would be renamed)."""
-    from .diagnostics import SHAPE, TYPE
-    from .ops import OPS
-    from .specialize import LayerInfo
-
     layers = {key: LayerInfo.from_model(list(c.tensors), c.config).num_layers for key, c in checkpoints.items()}
     stacking = Stacking(root, layers, spans)
     stacking.depth(root)

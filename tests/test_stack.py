@@ -270,3 +270,11 @@ def test_no_warning_for_layers_a_stack_leaves_out(six, tmp_path):
     result = CliRunner().invoke(main, ["check", str(spec)])
     assert result.exit_code == 0 and "warning" not in result.output, result.output
     assert "ok: 21 output tensors" in result.output  # 2 layers of 9 tensors, embedding, norm, head
+
+
+def test_explain_shows_which_source_layer_a_load_reads(family, monkeypatch):
+    from test_lower import REPO, _bind, explain
+    from test_parse import GOLDEN, check_golden
+
+    args = ["examples/frankenmerge.ml", "--tensor", "model.layers.3.mlp.up_proj.weight", *_bind(family)]
+    check_golden(GOLDEN / "explain" / "example_frankenmerge_layer3_mlp.txt", explain(args, REPO, family, monkeypatch))
