@@ -22,8 +22,10 @@ from .optimize import FoldError, fold
 from .parse import parse_file
 from .resources import stdlib_files
 
-BUILTINS = {"model", "layers", "layer_range", "stack"}
+BUILTINS = {"model", "layers"}
 _BINOPS = {"+": "add", "-": "sub", "*": "mul", "/": "div"}
+
+BUILTINS |= {"layer_range", "stack"}  # layer stacking (stacking.py)
 
 
 @dataclass(frozen=True)
@@ -244,14 +246,12 @@ class _Lowerer:
         kwargs = {k.name: (self.expr(k.value, scope), k) for k in e.kwargs}
         if any(a is POISON for a in args) or any(v is POISON for v, _ in kwargs.values()):
             return POISON
+        if fname in ("layer_range", "stack"):
+            return self.layer_range(e, args, kwargs) if fname == "layer_range" else self.stack(e, args, kwargs)
         if fname == "model":
             return self.model(e, args, kwargs, bind_as)
         if fname == "layers":
             return self.layers(e, args, kwargs)
-        if fname == "layer_range":
-            return self.layer_range(e, args, kwargs)
-        if fname == "stack":
-            return self.stack(e, args, kwargs)
         if fname in self.defs:
             return self.call_def(self.defs[fname], e, args, kwargs)
         if fname in OPS:
