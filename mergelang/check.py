@@ -26,7 +26,8 @@ from .output_options import DTYPE_ALIASES
 from .output_plan import (
     TIED, config_updates, is_recomputed_buffer, report_ties, report_vocab, tie_heads, vocab_rows,
 )
-from .specialize import LayerInfo, NoMatchingArm, specialize
+from .specialize import LayerInfo, NoMatchingArm, layer_index, specialize
+from . import stacking
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 # Matrices with one row per vocabulary entry: models with different vocabularies disagree on their
@@ -188,11 +189,17 @@ def _plan_tensors(plan: Plan, out_dtype: str | None, reporter: Reporter) -> None
     missing, no_match, shapes, dtypes, not_tensor, ranges, folds, cuts = (_Grouped() for _ in range(8))
     used_models: set[str] = set()
     ties = tie_heads(plan)
-    for name, info in ref.tensors.items():
+    stacked = _stacking(plan, reporter) if stacking.is_stacked(lowered.output) else None
+    if stacked is False:
+        return
+    names = [(name, info.dtype) for name, info in ref.tensors.items()] if stacked is None else \
+        stacking.output_tensors(stacked, plan.checkpoints, plan.reference)
+    for name, source_dtype in names:
         if is_recomputed_buffer(name):
             continue
         try:
-            graph = optimize(specialize(lowered.output, name, layers, lowered.spans), lowered.spans)
+            graph = optimize(specialize(lowered.output, name, layers, lowered.spans) if stacked is None
+                             else stacked.specialize(name), lowered.spans)
         except NoMatchingArm as e:
             no_match.add((e.node,), name)
             continue
@@ -211,7 +218,7 @@ def _plan_tensors(plan: Plan, out_dtype: str | None, reporter: Reporter) -> None
             common, rows = plan.vocab_rows[name]
             shape = (rows,) + tuple(shape[1:])
             tail = (plan.lowered.options.tokenizer, common) if rows > common else None
-        plan.tensors.append(TensorPlan(name, graph, shape, out_dtype or info.dtype, tail))
+        plan.tensors.append(TensorPlan(name, graph, shape, out_dtype or source_dtype, tail))
     spans = lowered.spans
     for (key,), tensors in missing.items.items():
         reporter.error(MISSING_TENSOR, f"model `{key}` has no tensor {_examples(tensors)}, which `{plan.reference}` has",
@@ -254,6 +261,21 @@ def _plan_tensors(plan: Plan, out_dtype: str | None, reporter: Reporter) -> None
     _warn_unused(plan, used_models, reporter)
 
 
+def _stacking(plan: Plan, reporter: Reporter):
+    """The layer structure of a stacked output (and its config's new layer count), or False after
+    reporting a problem with it."""
+    ref = plan.checkpoints[plan.reference]
+    try:
+        stacked = stacking.prepare(plan.lowered.output, plan.checkpoints, plan.lowered.spans)
+    except stacking.StackError as e:
+        spans = plan.lowered.spans
+        span = (spans.arg(e.node, e.arg)[0] if e.arg is not None else None) or spans.first(e.node)
+        reporter.error(e.code, e.message, span, help=e.help)
+        return False
+    plan.config_updates.update(stacking.config_updates(stacked, plan.checkpoints, plan.reference))
+    return stacked
+
+
 _BAD = object()
 
 
@@ -261,7 +283,7 @@ def _common_rows(graph: Node, tensor: str, plan: Plan, cuts) -> int | None:
     """For an embedding matrix whose models differ only in their number of rows: the smallest."""
     if not any(part in tensor for part in EMBEDDING_NAMES):
         return None
-    infos = {n.attr("model"): plan.checkpoints[n.attr("model")].tensors.get(tensor)
+    infos = {n.attr("model"): plan.checkpoints[n.attr("model")].tensors.get(n.attr("tensor") or tensor)
              for n in walk(graph) if n.op == "load"}
     shapes = {key: info.shape for key, info in infos.items() if info is not None and info.shape}
     if plan.lowered.options.tokenizer and shapes:
@@ -287,9 +309,10 @@ def _infer(graph: Node, tensor: str, plan: Plan, missing, shapes, dtypes, used: 
         elif n.op == "load":
             key = n.attr("model")
             used.add(key)
-            info = plan.checkpoints[key].tensors.get(tensor)
+            source = n.attr("tensor") or tensor  # a load inside `layer_range` reads another layer
+            info = plan.checkpoints[key].tensors.get(source)
             if info is None:
-                missing.add((key,), tensor)
+                missing.add((key,), source)
                 shape_of[n], bad = _BAD, True
             else:
                 if info.dtype not in FLOAT_DTYPES:
@@ -340,10 +363,12 @@ def _check_params(graph: Node, tensor: str, lowered: Lowered, ranges) -> None:
 
 def _warn_unused(plan: Plan, used: set[str], reporter: Reporter) -> None:
     ref = plan.checkpoints[plan.reference]
+    stacked = stacking.is_stacked(plan.lowered.output)
     for key, ckpt in plan.checkpoints.items():
         if key not in used:
             continue
-        extra = [t for t in ckpt.tensors if t not in ref.tensors and not is_recomputed_buffer(t) and t not in TIED]
+        extra = [t for t in ckpt.tensors if t not in ref.tensors and not is_recomputed_buffer(t) and t not in TIED
+                 and not (stacked and layer_index(t) is not None)]  # a stack picks its layers
         if extra:
             reporter.warn(MISSING_TENSOR, f"model `{key}` has tensors that `{plan.reference}` lacks; they are "
                                           f"left out of the output: {_examples(extra)}",

@@ -30,7 +30,9 @@ DEFAULT_CHUNK = 1 << 18  # elements: 1 MB of float32, fits a core's L2 cache
 # once and kept whole when it fits this budget; beyond it, each consumer recomputes it chunk by chunk.
 MATERIALIZE_BYTES = 256 << 20
 
-Reader = Callable[[str, int, int], torch.Tensor]  # (model, first row, end row) → float chunk
+# (model, first row, end row, tensor) → float chunk; tensor is the load's own name (a load inside
+# `layer_range` reads another layer), None for the output tensor's name.
+Reader = Callable[[str, int, int, "str | None"], torch.Tensor]
 
 
 @dataclass
@@ -76,7 +78,7 @@ class TensorEvaluator:
             if n.op == "const":
                 values[i] = n.attr("value")
             elif n.op == "load":
-                values[i] = self.read(n.attr("model"), r0, r1)
+                values[i] = self.read(n.attr("model"), r0, r1, n.attr("tensor"))
             elif not step.inputs:  # a reduction, a tensor op, or a value kept whole
                 full = self.full(n)
                 values[i] = full if full.dim() == 0 else full[r0:r1]
@@ -151,11 +153,13 @@ class TensorEvaluator:
 
 
 def evaluate_in_memory(tp: TensorPlan, inputs: dict[str, torch.Tensor], options: ExecOptions) -> torch.Tensor:
-    """The whole output tensor from in-memory inputs (model key → tensor), through the same chunked path."""
+    """The whole output tensor from in-memory inputs (model key, or (model key, tensor name) for a
+    load that names its tensor → tensor), through the same chunked path."""
     rest = tp.shape[1:] if tp.shape else ()
 
-    def read(model: str, r0: int, r1: int) -> torch.Tensor:
-        return inputs[model].reshape((-1,) + tuple(rest))[r0:r1].to(device=options.device, dtype=torch.float32)
+    def read(model: str, r0: int, r1: int, tensor: str | None = None) -> torch.Tensor:
+        value = inputs[model if tensor is None else (model, tensor)]
+        return value.reshape((-1,) + tuple(rest))[r0:r1].to(device=options.device, dtype=torch.float32)
 
     parts = [values.reshape(-1) for _, values in TensorEvaluator(tp, read, options).output_chunks()]
     return torch.cat(parts).reshape(tp.shape) if parts else torch.empty(tp.shape)
@@ -183,10 +187,11 @@ def _predicted_reads(plan: Plan, options: ExecOptions):
     """The reads `execute` will make, in order: per tensor, per chunk, its region's loads."""
     for tp in plan.tensors:
         evaluator = TensorEvaluator(tp, None, options)
-        loads = [step.node.attr("model") for step in region(tp.graph) if step.node.op == "load"]
+        loads = [(step.node.attr("model"), step.node.attr("tensor") or tp.name)
+                 for step in region(tp.graph) if step.node.op == "load"]
         for r0, r1 in evaluator.chunks():
-            for model in loads:
-                yield model, tp.name, r0 * evaluator.row_size, r1 * evaluator.row_size
+            for model, tensor in loads:
+                yield model, tensor, r0 * evaluator.row_size, r1 * evaluator.row_size
         for r0, r1 in evaluator.tail_chunks():
             yield tp.tail[0], tp.name, r0 * evaluator.row_size, r1 * evaluator.row_size
 
@@ -197,8 +202,8 @@ def _reader(plan: Plan, tp: TensorPlan, evaluator: "TensorEvaluator", device: to
     pin = device.type == "cuda"
     rest, row = tuple(evaluator.shape[1:]), evaluator.row_size
 
-    def read(model: str, r0: int, r1: int) -> torch.Tensor:
-        raw = read_raw(model, tp.name, r0 * row, r1 * row)
+    def read(model: str, r0: int, r1: int, tensor: str | None = None) -> torch.Tensor:
+        raw = read_raw(model, tensor or tp.name, r0 * row, r1 * row)
         if pin:
             raw = raw.pin_memory()
         return raw.to(device=device, non_blocking=pin).to(torch.float32).view((r1 - r0,) + rest)

@@ -13,16 +13,17 @@ from typing import Any
 
 from . import ast
 from .diagnostics import (
-    ARITHMETIC, ARITY, INPUT, KEYWORD, LIST_LENGTH, OUTPUT_COUNT, RECURSION, REDEFINED, TYPE, UNKNOWN_NAME,
+    ARITHMETIC, ARITY, INPUT, KEYWORD, LIST_LENGTH, OUTPUT_COUNT, RANGE, RECURSION, REDEFINED, TYPE, UNKNOWN_NAME,
     Diagnostic, MergelangError, Reporter, suggest,
 )
 from .graph import Node, Spans, const, walk, with_random_key
 from .ops import OPS, REQUIRED, OpDef
+from .optimize import FoldError, fold
 from .output_options import OutputOptions, lower_options
 from .parse import parse_file
 from .resources import stdlib_files
 
-BUILTINS = {"model", "layers", "lora"}
+BUILTINS = {"model", "layers", "lora", "layer_range", "stack"}
 _BINOPS = {"+": "add", "-": "sub", "*": "mul", "/": "div"}
 
 
@@ -249,6 +250,8 @@ class _Lowerer:
         kwargs = {k.name: (self.expr(k.value, scope), k) for k in e.kwargs}
         if any(a is POISON for a in args) or any(v is POISON for v, _ in kwargs.values()):
             return POISON
+        if fname in ("layer_range", "stack"):
+            return self.layer_range(e, args, kwargs) if fname == "layer_range" else self.stack(e, args, kwargs)
         if fname == "model":
             return self.model(e, args, kwargs, bind_as)
         if fname == "layers":
@@ -332,6 +335,66 @@ class _Lowerer:
             if not isinstance(a, Node) or self.is_tensor(a):
                 return self.error(TYPE, f"`layers` values must be numbers, found {self.describe(a)}", s.span)
         return self.at(Node("layers", args), e.span)
+
+    def layer_range(self, e: ast.Call, args, kwargs) -> Any:
+        """`layer_range(X, START, END)`: X's layers START..END-1, renumbered from 0 (see stacking.py)."""
+        usage = "write `layer_range(X, START, END)`: the layers START..END-1 of X, numbered from 0"
+        if kwargs:
+            k = next(iter(kwargs.values()))[1]
+            return self.error(KEYWORD, f"`layer_range` takes no keyword `{k.name}`", k.span, help=usage)
+        if len(args) != 3:
+            return self.error(ARITY, f"`layer_range` takes 3 arguments (X, START, END), found {len(args)}", e.span,
+                              help=usage)
+        bounds = []
+        for what, v, s in (("START", args[1], e.args[1]), ("END", args[2], e.args[2])):
+            if isinstance(v, Node) and not self.is_tensor(v):
+                try:
+                    v = fold(v)
+                except FoldError as err:
+                    return self.error(ARITHMETIC, err.message, s.span)
+            value = v.attr("value") if isinstance(v, Node) and v.op == "const" else None
+            if value is None:
+                found = "a per-tensor number" if isinstance(v, Node) and not self.is_tensor(v) else self.describe(v)
+                return self.error(TYPE, f"{what} of `layer_range` must be a whole number, found {found}",
+                                  s.span, help=usage)
+            if not float(value).is_integer():
+                return self.error(TYPE, f"{what} of `layer_range` must be a whole number, found {value:g}", s.span)
+            if value < 0:
+                return self.error(RANGE, f"{what} of `layer_range` must be >= 0, got {value:g}", s.span)
+            bounds.append(int(value))
+        start, end = bounds
+        if start >= end:
+            return self.error(RANGE, f"`layer_range` needs START < END, got START={start} and END={end}", e.span,
+                              label="empty range", help="END is exclusive: `layer_range(x, 0, 8)` is layers 0..7")
+        values = args[0].items if isinstance(args[0], _ListV) else (args[0],)
+        spans = e.args[0].items if isinstance(e.args[0], ast.List) else [e.args[0]] * len(values)
+        out = []
+        for v, s in zip(values, spans):
+            if not isinstance(v, Node) or not self.is_tensor(v):
+                return self.error(TYPE, f"`layer_range` needs a tensor (a model or an expression of models), "
+                                        f"found {self.describe(v)}", s.span)
+            node = Node("layer_range", (v,), {"start": start, "end": end})
+            self.spans.add_arg(node, 2, *self.user_site(e.args[2].span)[:2])  # END, for "beyond the layers"
+            out.append(self.at(node, e.span))
+        return _ListV(tuple(out)) if isinstance(args[0], _ListV) else out[0]
+
+    def stack(self, e: ast.Call, args, kwargs) -> Any:
+        """`stack(PART, ...)`: the parts' layers one after the other (see stacking.py)."""
+        if kwargs:
+            k = next(iter(kwargs.values()))[1]
+            return self.error(KEYWORD, f"`stack` takes no keyword `{k.name}`", k.span)
+        parts = list(zip(args, e.args))
+        if len(args) == 1 and isinstance(args[0], _ListV):
+            items = e.args[0].items if isinstance(e.args[0], ast.List) else [e.args[0]] * len(args[0].items)
+            parts = list(zip(args[0].items, items))
+        if not parts:
+            return self.error(ARITY, "`stack` needs at least one part", e.span,
+                              help="write `stack(layer_range(a, 0, 24), layer_range(b, 20, 40))`")
+        for v, s in parts:
+            if not isinstance(v, Node) or not self.is_tensor(v):
+                return self.error(TYPE, f"each part of `stack` must be a tensor (a model or an expression of "
+                                        f"models), found {self.describe(v)}", s.span)
+        return self.at(Node("stack", [v for v, _ in parts]), e.span)
 
     def call_def(self, d: ast.Def, e: ast.Call, args, kwargs) -> Any:
         names = [p.name for p in d.params]
