@@ -283,3 +283,21 @@ class _progress:
         if hasattr(self, "progress"):
             self.progress.__exit__(*exc)
         return False
+
+
+@main.command(name="import")
+@click.argument("config", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write the spec to this file instead of printing it.")
+@click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+@_user_errors
+def import_cmd(config, out, force, reporter):
+    """Translate a mergekit YAML CONFIG into a mergelang spec."""
+    from .importer import translate_file, write_spec
+
+    spec = translate_file(config)
+    if out is None:
+        click.echo(spec, nl=False)
+        return
+    write_spec(spec, out, force=force)
+    click.echo(f"wrote {out}", err=True)

@@ -27,6 +27,7 @@ NO_MATCH = "E017"
 ARITHMETIC = "E018"
 WRITE = "E019"
 INTERRUPTED = "E020"
+UNSUPPORTED = "E031"  # a mergekit setting `mergelang import` cannot translate
 
 
 @dataclass(frozen=True)
