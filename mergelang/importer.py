@@ -54,7 +54,9 @@ def _ta(normalize: bool, rescale: bool, **per_model) -> _Method:
 
 
 METHODS: dict[str, _Method] = {
-    "task_arithmetic": _ta(False, False),
+    # mergekit accepts `density` and `rescale` for task_arithmetic and does not use them
+    "task_arithmetic": _Method("base+models", "required", {"weight": REQUIRED},
+                               {"normalize": False, "lambda": 1.0, "int8_mask": False}),
     "ties": _ta(True, False),
     "dare_ties": _ta(False, True),
     "dare_linear": _ta(False, True),
@@ -201,7 +203,8 @@ class _Translator:
         self.file = file
         from .ops import OPS
 
-        self.taken = set(_KEYWORDS) | set(OPS) | _stdlib_names()
+        self.reserved = set(_KEYWORDS) | set(OPS) | _stdlib_names()
+        self.taken = set(self.reserved)
         self.names: dict[_Ref, str] = {}  # declared models
         self.model_lines: list[str] = []
         self.docs: dict[str, str] = {}  # mergekit-multi merge name → bound name
@@ -223,7 +226,7 @@ class _Translator:
         base = re.sub(r"_+", "_", base)
         if base[0].isdigit():
             base = "m_" + base
-        if base in self.taken:
+        if base in self.reserved:
             base += "_model"
         name, i = base, 2
         while name in self.taken:
@@ -503,7 +506,11 @@ class _Translator:
                 own = [(inp.params, f"{inp.where}.parameters")]
                 value = self.resolve(param, own + scopes, default, inp.span,
                                      f"each model of `{method_name}`; `{inp.where}` has none")
-                values.append(value if value is not None else self.scalar(YScalar(default, inp.span), param, param))
+                values.append(value)
+            if all(v is None for v in values):
+                continue  # nobody sets it: the stdlib def's default, which is mergekit's
+            values = [v if v is not None else self.scalar(YScalar(default, inp.span), param, param)
+                      for v, inp in zip(values, others)]
             if method.shape == "one":
                 if any(inp.params is not None and param in inp.params for inp in others) or \
                         any(scope is not None and param in scope for scope, _ in scopes):
@@ -535,8 +542,8 @@ class _Translator:
         for scope, where in scopes:
             for key, span in (scope.keys.items() if scope is not None else ()):
                 if key not in known:
-                    self.notes.append(f"ignored `{where}.{key}` (line {span.line}): `{method_name}` has no "
-                                      f"parameter `{key}`")
+                    self.notes.append(f"ignored `{where}.{key}` (line {span.line}): `{method_name}` does not "
+                                      f"use `{key}`")
         for inp in inputs:
             for key, span in (inp.params.keys.items() if inp.params is not None else ()):
                 if key in method.shared:
@@ -544,7 +551,7 @@ class _Translator:
                                       f"not set per model in `{method_name}`, as in mergekit")
                 elif key not in known:
                     self.notes.append(f"ignored `{inp.where}.parameters.{key}` (line {span.line}): "
-                                      f"`{method_name}` has no parameter `{key}`")
+                                      f"`{method_name}` does not use `{key}`")
 
     # -- output options
 
@@ -647,7 +654,7 @@ def translate(text: str, file: str = "config.yml") -> str:
     header += [f"# {c}." for c in comments]
     for name in dict.fromkeys(intermediate_dtypes):
         header.append(f"# mergekit-multi writes the merge {name!r} to disk in its dtype; here it stays float32.")
-    header += [f"# note: {n}" for n in tr.notes]
+    header += [f"# note: {n}" for n in dict.fromkeys(tr.notes)]
     return "\n".join(header) + "\n\n" + "\n".join(tr.model_lines) + "\n\n" + "\n".join(statements) + "\n"
 
 
