@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from .ast import Span
-from .diagnostics import SYNTAX, TYPE, UNKNOWN_NAME, UNSUPPORTED, Diagnostic, MergelangError, suggest
+from .diagnostics import (INPUT, OUTPUT_PATH, SYNTAX, TYPE, UNKNOWN_NAME, UNSUPPORTED, Diagnostic, MergelangError,
+                          suggest)
 from .resources import stdlib_files
 from .yaml_nodes import YMap, YScalar, YSeq, load_all, plain
 
@@ -719,9 +720,9 @@ def translate_file(path: Path) -> str:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise MergelangError(Diagnostic("E007", f"config file not found: {path}", help="check the path")) from None
+        raise MergelangError(Diagnostic(INPUT, f"config file not found: {path}", help="check the path")) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise MergelangError(Diagnostic("E007", f"cannot read the config file {path}: {e}")) from None
+        raise MergelangError(Diagnostic(INPUT, f"cannot read the config file {path}: {e}")) from None
     return translate(text, str(path))
 
 
@@ -731,12 +732,12 @@ def write_spec(spec: str, out: Path, *, force: bool) -> None:
     import tempfile
 
     if out.exists() and not force:
-        raise MergelangError(Diagnostic("E012", f"{out} already exists", help="pass --force to replace it"))
+        raise MergelangError(Diagnostic(OUTPUT_PATH, f"{out} already exists", help="pass --force to replace it"))
     if out.is_dir():
-        raise MergelangError(Diagnostic("E012", f"{out} is a folder; expected a file name for the spec"))
+        raise MergelangError(Diagnostic(OUTPUT_PATH, f"{out} is a folder; expected a file name for the spec"))
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
-        raise MergelangError(Diagnostic("E012", f"the folder {folder} does not exist"))
+        raise MergelangError(Diagnostic(OUTPUT_PATH, f"the folder {folder} does not exist"))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{out.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

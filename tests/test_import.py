@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from oracle import assert_close_ulp, load_folder, make_family, run_mergekit, run_mergelang, ulp_diff
+from oracle import assert_close_ulp, load_folder, run_mergekit, run_mergelang, ulp_diff
 from test_parse import check_golden
 
 from mergelang.cli import main
