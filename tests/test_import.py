@@ -58,6 +58,57 @@ def test_example_configs_translate_to_golden(config):
     check_golden(GOLDEN / f"{config.stem}.ml", spec)
 
 
+EXTRA = {
+    # slices with a merge inside, slice-level parameters over top-level ones, a per-slice base model
+    "slices_with_merges": """
+merge_method: slerp
+base_model: org/a
+slices:
+  - sources:
+      - {model: org/a, layer_range: [0, 16]}
+      - {model: org/b, layer_range: [8, 24]}
+    parameters:
+      t: [0, 1]
+  - sources:
+      - {model: org/a, layer_range: [16, 32]}
+      - {model: org/b, layer_range: [16, 32]}
+    base_model: org/b
+  - sources:
+      - {model: org/c, layer_range: [30, 32]}
+      - {model: org/a, layer_range: [30, 32]}
+    base_model: org/c
+parameters:
+  t:
+    - filter: mlp
+      value: 0.25
+    - value: 0.5
+""",
+    # output options, a LoRA, a revision, and notes for what mergekit does not use
+    "output_options": """
+merge_method: dare_linear
+base_model: meta-llama/Llama-2-7b-hf@main
+models:
+  - model: meta-llama/Llama-2-7b-hf@main+someone/llama-lora
+    parameters: {weight: 0.6, density: 0.3, t: 0.5}
+  - model: lmsys/vicuna-7b-v1.5
+    parameters: {weight: 0.4}
+parameters:
+  density: 0.5
+  rescale: false
+  densty: 0.9
+tokenizer_source: lmsys/vicuna-7b-v1.5
+chat_template: "{% for m in messages %}{{ m['content'] }}\\n{% endfor %}"
+dtype: float32
+out_dtype: bfloat16
+""",
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXTRA))
+def test_extra_configs_translate_to_golden(name):
+    check_golden(GOLDEN / f"extra_{name}.ml", translate(EXTRA[name], f"{name}.yml"))
+
+
 def test_every_example_is_covered():
     assert {p.stem for p in EXAMPLES.glob("*.yml")} == {
         "arcee_fusion", "bio-merge", "gradient-slerp", "linear", "orcamini-platy-44layer", "ties", "multimerge"}
