@@ -21,7 +21,6 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .ast import Span
 from .diagnostics import (INPUT, OUTPUT_PATH, SYNTAX, TYPE, UNKNOWN_NAME, UNSUPPORTED, Diagnostic, MergelangError,
@@ -200,8 +199,7 @@ class _Input:
 
 
 class _Translator:
-    def __init__(self, file: str):
-        self.file = file
+    def __init__(self):
         from .ops import OPS
 
         self.reserved = set(_KEYWORDS) | set(OPS) | _stdlib_names()
@@ -210,15 +208,11 @@ class _Translator:
         self.model_lines: list[str] = []
         self.docs: dict[str, str] = {}  # mergekit-multi merge name → bound name
         self.notes: list[str] = []
-        self.errors: list[Diagnostic] = []
 
     # -- diagnostics
 
     def fail(self, message: str, span: Span | None, help: str | None = None, code: str = UNSUPPORTED):
-        raise MergelangError(self.errors + [Diagnostic(code, message, span, help=help)])
-
-    def error(self, message: str, span: Span | None, help: str | None = None, code: str = UNSUPPORTED):
-        self.errors.append(Diagnostic(code, message, span, help=help))
+        raise MergelangError(Diagnostic(code, message, span, help=help))
 
     # -- names and models
 
@@ -273,16 +267,16 @@ class _Translator:
 
     # -- parameter values
 
-    def value(self, node, param: str, where: str) -> str:
+    def value(self, node, where: str) -> str:
         """A parameter's value: a number, a boolean, or a gradient → layers(...)."""
         if isinstance(node, YSeq):
-            items = [self.scalar(item, param, f"{where}[{i}]", gradient=True) for i, item in enumerate(node.items)]
+            items = [self.scalar(item, f"{where}[{i}]", gradient=True) for i, item in enumerate(node.items)]
             if not items:
                 self.fail(f"`{where}` is an empty gradient", node.span, help="give at least one value")
             return items[0] if len(items) == 1 else "layers(" + ", ".join(items) + ")"
-        return self.scalar(node, param, where)
+        return self.scalar(node, where)
 
-    def scalar(self, node, param: str, where: str, gradient: bool = False) -> str:
+    def scalar(self, node, where: str, gradient: bool = False) -> str:
         if not isinstance(node, YScalar):
             self.fail(f"`{where}` must be a number{'' if gradient else ', a boolean or a list of numbers'}, "
                       f"found {_describe(node)}", node.span)
@@ -305,7 +299,7 @@ class _Translator:
             return "-" + text if v < 0 else text
         self.fail(f"`{where}` must be a number or a boolean, found {_describe(node)}", node.span, code=TYPE)
 
-    def arms(self, node, param: str, where: str) -> tuple[list[tuple[str | None, str]], bool]:
+    def arms(self, node, where: str) -> tuple[list[tuple[str | None, str]], bool]:
         """A setting as (filter, value) arms, and whether it ends with an entry matching every tensor."""
         entries = None
         if isinstance(node, YMap):
@@ -316,7 +310,7 @@ class _Translator:
             self.fail(f"`{where}` mixes filter entries and plain values", node.span,
                       help="write every entry as `- filter: ...` / `value: ...`, the last one without a filter")
         if entries is None:
-            return [(None, self.value(node, param, where))], True
+            return [(None, self.value(node, where))], True
         arms = []
         for entry, at in entries:
             for key in entry.items:
@@ -334,7 +328,7 @@ class _Translator:
                 if pattern is not None and "*" in pattern:
                     self.fail(f"`{at}.filter`: mergekit matches {pattern!r} as a plain substring, `*` included; "
                               f"mergelang reads `*` as a wildcard", flt.span)
-            value = self.value(entry.items["value"], param, f"{at}.value")
+            value = self.value(entry.items["value"], f"{at}.value")
             arms.append((pattern, value))
             if pattern is None:
                 return arms, True
@@ -346,7 +340,7 @@ class _Translator:
         for scope, where in scopes:
             if scope is None or param not in scope:
                 continue
-            more, complete = self.arms(scope.items[param], param, f"{where}.{param}")
+            more, complete = self.arms(scope.items[param], f"{where}.{param}")
             arms += more
             if complete:
                 break
@@ -358,14 +352,15 @@ class _Translator:
                                                                             if arms else ""))
             if not arms:
                 return None  # the stdlib def's default, which is mergekit's
-            arms.append((None, self.scalar(YScalar(default, span), param, param)))
+            arms.append((None, self.scalar(YScalar(default, span), param)))
         if len(arms) == 1:
             return arms[0][1]
         return _Match(arms)
 
     # -- one merge document
 
-    def document(self, doc: YMap) -> tuple[Any, YMap]:
+    def document(self, doc: YMap):
+        """The merge expression of one config document."""
         for key, key_span in doc.keys.items():
             if key in _WHY_NOT:
                 self.fail(f"`{key}` cannot be translated: {_WHY_NOT[key]}", key_span)
@@ -390,14 +385,14 @@ class _Translator:
         if has_models:
             inputs = self.model_list(doc.items["models"], "models")
             return self.merge(method_name, method, inputs, base_ref, doc.items.get("base_model"),
-                              [(top, "parameters")], mnode.span, append_base=True), doc
+                              [(top, "parameters")], mnode.span, append_base=True)
         slices = doc.items["slices"]
         if not isinstance(slices, YSeq) or not slices.items:
             self.fail("`slices` must be a list of slices", slices.span)
         parts = [self.slice(s, f"slices[{i}]", method_name, method, base_ref, doc.items.get("base_model"),
                             top, mnode.span)
                  for i, s in enumerate(slices.items)]
-        return (parts[0] if len(parts) == 1 else _Call("stack", parts, [])), doc
+        return parts[0] if len(parts) == 1 else _Call("stack", parts, [])
 
     def params_map(self, node: YMap, key: str) -> YMap | None:
         value = node.get(key)
@@ -510,7 +505,7 @@ class _Translator:
                 values.append(value)
             if all(v is None for v in values):
                 continue  # nobody sets it: the stdlib def's default, which is mergekit's
-            values = [v if v is not None else self.scalar(YScalar(default, inp.span), param, param)
+            values = [v if v is not None else self.scalar(YScalar(default, inp.span), param)
                       for v, inp in zip(values, others)]
             if method.shape == "one":
                 if any(inp.params is not None and param in inp.params for inp in others) or \
@@ -603,7 +598,7 @@ def _describe(node) -> str:
 
 def translate(text: str, file: str = "config.yml") -> str:
     """The mergelang spec for a mergekit config (one document, or several as mergekit-multi reads them)."""
-    tr = _Translator(file)
+    tr = _Translator()
     docs = load_all(text, file)
     if not docs:
         tr.fail("the config is empty", Span(file, 1, 1, 1, 1))
@@ -633,7 +628,7 @@ def translate(text: str, file: str = "config.yml") -> str:
             bound = tr.fresh(name_node.value)
             tr.docs[name_node.value] = bound
     for doc in order:
-        expr, _ = tr.document(doc)
+        expr = tr.document(doc)
         if doc is output_doc:
             base_ref = tr.parse_ref(doc.items["base_model"], "base_model") if "base_model" in doc else None
             options, comments = tr.output_options(doc, base_ref)
@@ -649,8 +644,6 @@ def translate(text: str, file: str = "config.yml") -> str:
                     else:
                         tr.notes.append(f"ignored `{key}` of the merge {doc.items['name'].value!r} (line "
                                         f"{doc.keys[key].line}): only the final merge's output options apply")
-    if tr.errors:
-        raise MergelangError(tr.errors)
     header = [f"# Translated from the mergekit config {Path(file).name} by `mergelang import`."]
     header += [f"# {c}." for c in comments]
     for name in dict.fromkeys(intermediate_dtypes):
