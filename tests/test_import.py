@@ -528,3 +528,18 @@ def test_multi_document_with_two_outputs(tmp_path):
     out = import_error(tmp_path, "name: x\nmerge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\n"
                                  "---\nname: y\nmerge_method: linear\nmodels: [{model: b, parameters: {weight: 1}}]\n")
     assert "a spec has one output, but nothing uses the merges 'x', 'y'" in out
+
+
+def test_filter_star_matches_every_tensor_and_globs_are_refused(tmp_path):
+    spec = translate("merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}]\n"
+                     "parameters:\n  t:\n    - {filter: mlp, value: 0.1}\n    - {filter: '*', value: 0.2}\n"
+                     "    - {value: 0.3}\n", "c.yml")
+    assert 'output slerp(a, b, t=match tensor { "mlp" => 0.1, _ => 0.2 })' in spec
+    out = import_error(tmp_path, "merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}]\n"
+                                 "parameters:\n  t:\n    - {filter: 'layers.*.mlp', value: 0.1}\n    - {value: 0.3}\n")
+    assert "mergekit matches 'layers.*.mlp' as a plain substring" in out and "--> bad.yml:6:16" in out
+
+
+def test_missing_config_file(tmp_path):
+    result = CliRunner().invoke(main, ["import", str(tmp_path / "nope.yml")])
+    assert result.exit_code == 1 and "error[E007]: config file not found" in result.output
