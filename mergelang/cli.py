@@ -318,3 +318,24 @@ def stats(ft, base, by, plot_path, as_json, reporter):
         print_report(report, by, Console(width=None if sys.stdout.isatty() else 160))
     if plot_path is not None:
         click.echo(f"wrote {plot(report, plot_path)}", err=True)
+
+
+# ---- mergelang import ------------------------------------------------------------------------------
+
+
+@main.command(name="import")
+@click.argument("config", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write the spec to this file instead of printing it.")
+@click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+@_user_errors
+def import_cmd(config, out, force, reporter):
+    """Translate a mergekit YAML CONFIG into a mergelang spec."""
+    from .importer import translate_file, write_spec
+
+    spec = translate_file(config)
+    if out is None:
+        click.echo(spec, nl=False)
+        return
+    write_spec(spec, out, force=force)
+    click.echo(f"wrote {out}", err=True)

@@ -29,6 +29,7 @@ WRITE = "E019"
 INTERRUPTED = "E020"
 DARE_LARGE_DELTA = "E030"  # a warning: DARE with a high p on a large delta (stats.dare_warnings)
 MISSING_DEPENDENCY = "E031"  # an optional extra is not installed (mergelang[plot])
+UNSUPPORTED = "E032"  # a mergekit setting `mergelang import` cannot translate
 
 
 @dataclass(frozen=True)
