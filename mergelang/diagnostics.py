@@ -27,6 +27,8 @@ NO_MATCH = "E017"
 ARITHMETIC = "E018"
 WRITE = "E019"
 INTERRUPTED = "E020"
+RECORD = "E030"  # an output folder's model card or its record (`mergelang verify`)
+INPUT_CHANGED = "E031"  # an input's file differs from the one the record names
 
 
 @dataclass(frozen=True)
