@@ -60,8 +60,8 @@ def start_record(plan: Plan, seed: int, dtype: str | None, shard_size: int,
     files: dict[str, tuple[Path, list[Path]]] = {}
     inputs = []
     for key, model in plan.lowered.inputs.items():
-        ckpt = plan.checkpoints[key]
-        folder = Path(ckpt.path)
+        ckpt = plan.checkpoints.get(key)
+        folder = Path(getattr(ckpt, "path", model.folder))
         files[key] = (folder, input_files(folder, list(getattr(ckpt, "files", []))))
         inputs.append({"key": key, "path": model.path_text, "resolved": str(folder.resolve()), "files": []})
     record = {
