@@ -14,6 +14,7 @@ from .io import ShardedWriter, atomic_output_dir, copy_model_files, free_bytes
 from .io.writer import OutputTensor
 from .lower import lower_file
 from .record import start_record
+from .stats import dare_warnings
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 
@@ -50,7 +51,9 @@ def check(spec: Path, options: RunOptions, reporter: Reporter | None = None) -> 
     """Every static check; returns the plan (with open checkpoints) or raises MergelangError."""
     reporter = reporter or Reporter()
     lowered = lower_file(spec, reporter)
-    return build_plan(lowered, options.models, options.dtype, reporter)
+    plan = build_plan(lowered, options.models, options.dtype, reporter)
+    dare_warnings(plan, reporter)
+    return plan
 
 
 def _check_output_path(out: Path, plan: Plan, force: bool) -> None:
@@ -86,8 +89,10 @@ def write_plan(plan: Plan, out: Path, options: RunOptions, progress=None) -> Pat
             with ShardedWriter(tmp, tensors, options.shard_size, metadata={"format": "pt"}) as writer:
                 execute(plan, writer, ExecOptions(options.seed, options.device, options.chunk, options.reverse),
                         progress)
-            copy_model_files(plan.checkpoints[plan.reference].path, tmp, dtype_name=dtype_name,
-                             config_updates=plan.config_updates)
+            copy_model_files(plan.checkpoints[plan.config_source].path, tmp, dtype_name=dtype_name,
+                             config_updates=plan.config_updates,
+                             tokenizer_src=plan.checkpoints[plan.tokenizer_source].path,
+                             chat_template=plan.lowered.options.chat_template)
             record.write_card(tmp)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -127,6 +127,7 @@ class Assign(Node):
 class Output(Node):
     value: Node
     span: Span
+    options: tuple[Keyword, ...] = ()  # `output EXPR, tokenizer=base, dtype="bf16"`
 
 
 @dataclass(frozen=True)

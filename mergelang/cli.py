@@ -92,7 +92,8 @@ def _dtype(ctx, param, value):
 
 spec_argument = click.argument("spec", type=click.Path(path_type=Path, dir_okay=False))
 model_option = click.option("--model", "models", multiple=True, metavar="NAME=PATH",
-                            help="Use PATH for the spec's model NAME (repeatable).")
+                            help="Use PATH (a folder, or a hub id in the local Hugging Face cache) "
+                                 "for the spec's model NAME (repeatable).")
 
 
 def entry() -> None:
@@ -120,7 +121,7 @@ def main():
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of random ops.")
 @model_option
-@click.option("--dtype", callback=_dtype, help="Output dtype (bf16, fp16, fp32); default: the base model's.")
+@click.option("--dtype", callback=_dtype, help="Output dtype (bf16, fp16, fp32); default: the spec's dtype=, else the base model's.")
 @click.option("--shard-size", default="5GB", show_default=True, callback=_size, help="Largest output shard.")
 @click.option("--device", default="cpu", show_default=True, help="Where to compute: cpu, cuda, cuda:1, ...")
 @click.option("-j", "--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores). "
@@ -195,7 +196,8 @@ def explain(spec, models, tensor, unoptimized, dot, reporter):
     reporter.raise_if_errors()
     click.echo("inputs:")
     for key, m in lowered.inputs.items():
-        click.echo(f"  {key} = model({m.path_text!r})  # {folders[key]}")
+        source = f"lora({m.path_text!r}, base={m.base_key})" if m.kind == "lora" else f"model({m.path_text!r})"
+        click.echo(f"  {key} = {source}  # {folders[key]}")
     title = f"graph for {tensor}" if tensor else ("graph" if unoptimized else "optimized graph")
     click.echo(f"{title}:")
     click.echo("  " + render(root, lowered.spans).replace("\n", "\n  "))
@@ -283,6 +285,42 @@ class _progress:
         if hasattr(self, "progress"):
             self.progress.__exit__(*exc)
         return False
+
+
+# ---- mergelang stats -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("ft", type=click.Path(path_type=Path))
+@click.argument("base", type=click.Path(path_type=Path))
+@click.option("--by", type=click.Choice(["layer", "kind", "tensor"]), default="kind", show_default=True,
+              help="Group the table's rows by layer, by tensor kind (q_proj, mlp.up_proj, ...) or per tensor.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also draw mean and p99 |δ| by layer into this PNG (needs mergelang[plot]).")
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON instead of a table.")
+@_user_errors
+def stats(ft, base, by, plot_path, as_json, reporter):
+    """Measure the delta FT − BASE (range, mean |δ|, quantiles) and how much DARE drop it tolerates."""
+    import json
+
+    from rich.console import Console
+
+    from .stats import delta_stats
+    from .stats_view import plot, print_report, pyplot
+
+    if plot_path is not None:
+        pyplot()  # fail before reading any weights
+    report = delta_stats(ft, base)
+    _print(report.diagnostics)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+    else:
+        print_report(report, by, Console(width=None if sys.stdout.isatty() else 160))
+    if plot_path is not None:
+        click.echo(f"wrote {plot(report, plot_path)}", err=True)
+
+
+# ---- mergelang verify ------------------------------------------------------------------------------
 
 
 @main.command()

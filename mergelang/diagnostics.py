@@ -27,8 +27,10 @@ NO_MATCH = "E017"
 ARITHMETIC = "E018"
 WRITE = "E019"
 INTERRUPTED = "E020"
-RECORD = "E030"  # an output folder's model card or its record (`mergelang verify`)
-INPUT_CHANGED = "E031"  # an input's file differs from the one the record names
+DARE_LARGE_DELTA = "E030"  # a warning: DARE with a high p on a large delta (stats.dare_warnings)
+MISSING_DEPENDENCY = "E031"  # an optional extra is not installed (mergelang[plot])
+RECORD = "E032"  # an output folder's model card or its record (`mergelang verify`)
+INPUT_CHANGED = "E033"  # an input's file differs from the one the record names
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,9 @@ DEFAULT_CHUNK = 1 << 18  # elements: 1 MB of float32, fits a core's L2 cache
 # once and kept whole when it fits this budget; beyond it, each consumer recomputes it chunk by chunk.
 MATERIALIZE_BYTES = 256 << 20
 
-Reader = Callable[[str, int, int], torch.Tensor]  # (model, first row, end row) → float chunk
+# (model, first row, end row, tensor) → float chunk; tensor is the load's own name (a load inside
+# `layer_range` reads another layer), None for the output tensor's name.
+Reader = Callable[[str, int, int, "str | None"], torch.Tensor]
 
 
 @dataclass
@@ -51,16 +53,21 @@ class TensorEvaluator:
     def __init__(self, tp: TensorPlan, read: Reader, options: ExecOptions):
         self.tp, self.read, self.options = tp, read, options
         self.device = torch.device(options.device)
-        self.shape = tp.shape if tp.shape else (1,)  # a 0-d tensor is evaluated as one row of one
+        self.shape = tp.graph_shape if tp.shape else (1,)  # a 0-d tensor is evaluated as one row of one
         self.rows = self.shape[0]
         self.row_size = math.prod(self.shape[1:])
         self.cache: dict[Node, torch.Tensor] = {}
         self.cached_bytes = 0
 
-    def chunks(self) -> Iterator[tuple[int, int]]:
+    def chunks(self, first: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+        end = self.rows if end is None else end
         step = max(1, self.options.chunk // max(1, self.row_size))
-        for r0 in range(0, self.rows, step):
-            yield r0, min(self.rows, r0 + step)
+        for r0 in range(first, end, step):
+            yield r0, min(end, r0 + step)
+
+    def tail_chunks(self) -> Iterator[tuple[int, int]]:
+        """The rows after those the graph computes, copied from the tail model (see TensorPlan.tail)."""
+        return self.chunks(self.rows, self.tp.shape[0]) if self.tp.tail else iter(())
 
     def context(self, r0: int) -> KernelContext:
         return KernelContext(tensor=self.tp.name, start=r0 * self.row_size, seed=self.options.seed,
@@ -76,7 +83,7 @@ class TensorEvaluator:
             if n.op == "const":
                 values[i] = n.attr("value")
             elif n.op == "load":
-                values[i] = self.read(n.attr("model"), r0, r1)
+                values[i] = self.read(n.attr("model"), r0, r1, n.attr("tensor"))
             elif not step.inputs:  # a reduction, a tensor op, or a value kept whole
                 full = self.full(n)
                 values[i] = full if full.dim() == 0 else full[r0:r1]
@@ -146,14 +153,18 @@ class TensorEvaluator:
         """(flat start, values) for the whole output, chunk by chunk."""
         for r0, r1 in self.chunks():
             yield r0 * self.row_size, self._as_tensor(self.rows_of(self.tp.graph, r0, r1), r1 - r0)
+        for r0, r1 in self.tail_chunks():
+            yield r0 * self.row_size, self.read(self.tp.tail[0], r0, r1)
 
 
 def evaluate_in_memory(tp: TensorPlan, inputs: dict[str, torch.Tensor], options: ExecOptions) -> torch.Tensor:
-    """The whole output tensor from in-memory inputs (model key → tensor), through the same chunked path."""
-    shape = tp.shape if tp.shape else (1,)
+    """The whole output tensor from in-memory inputs (model key, or (model key, tensor name) for a
+    load that names its tensor → tensor), through the same chunked path."""
+    rest = tp.shape[1:] if tp.shape else ()
 
-    def read(model: str, r0: int, r1: int) -> torch.Tensor:
-        return inputs[model].reshape(shape)[r0:r1].to(device=options.device, dtype=torch.float32)
+    def read(model: str, r0: int, r1: int, tensor: str | None = None) -> torch.Tensor:
+        value = inputs[model if tensor is None else (model, tensor)]
+        return value.reshape((-1,) + tuple(rest))[r0:r1].to(device=options.device, dtype=torch.float32)
 
     parts = [values.reshape(-1) for _, values in TensorEvaluator(tp, read, options).output_chunks()]
     return torch.cat(parts).reshape(tp.shape) if parts else torch.empty(tp.shape)
@@ -181,10 +192,13 @@ def _predicted_reads(plan: Plan, options: ExecOptions):
     """The reads `execute` will make, in order: per tensor, per chunk, its region's loads."""
     for tp in tensor_order(plan, options):
         evaluator = TensorEvaluator(tp, None, options)
-        loads = [step.node.attr("model") for step in region(tp.graph) if step.node.op == "load"]
+        loads = [(step.node.attr("model"), step.node.attr("tensor") or tp.name)
+                 for step in region(tp.graph) if step.node.op == "load"]
         for r0, r1 in evaluator.chunks():
-            for model in loads:
-                yield model, tp.name, r0 * evaluator.row_size, r1 * evaluator.row_size
+            for model, tensor in loads:
+                yield model, tensor, r0 * evaluator.row_size, r1 * evaluator.row_size
+        for r0, r1 in evaluator.tail_chunks():
+            yield tp.tail[0], tp.name, r0 * evaluator.row_size, r1 * evaluator.row_size
 
 
 def _reader(plan: Plan, tp: TensorPlan, evaluator: "TensorEvaluator", device: torch.device,
@@ -193,8 +207,8 @@ def _reader(plan: Plan, tp: TensorPlan, evaluator: "TensorEvaluator", device: to
     pin = device.type == "cuda"
     rest, row = tuple(evaluator.shape[1:]), evaluator.row_size
 
-    def read(model: str, r0: int, r1: int) -> torch.Tensor:
-        raw = read_raw(model, tp.name, r0 * row, r1 * row)
+    def read(model: str, r0: int, r1: int, tensor: str | None = None) -> torch.Tensor:
+        raw = read_raw(model, tensor or tp.name, r0 * row, r1 * row)
         if pin:
             raw = raw.pin_memory()
         return raw.to(device=device, non_blocking=pin).to(torch.float32).view((r1 - r0,) + rest)
@@ -220,7 +234,7 @@ def model_statistics(plan: Plan, options: ExecOptions) -> dict[Node, torch.Tenso
         n_in, _ = spec.layout(len(node.args))
         _, params = spec.bind([None] * n_in + [a.attr("value") for a in node.args[n_in:]])
         (source,) = node.args[:n_in]
-        reducer = spec.kernel(KernelContext(device=device), sum(tp.numel for tp in tensors), **params)
+        reducer = spec.kernel(KernelContext(device=device), sum(math.prod(tp.graph_shape) for tp in tensors), **params)
         pass_ = 0
         while True:
             for tp in tensors:

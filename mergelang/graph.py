@@ -182,7 +182,7 @@ def render_inline(node: Node) -> str:
     if node.op == "const":
         return _fmt_attr(node.attr("value"))
     if node.op == "load":
-        return node.attr("model")
+        return node.attr("model") + (f"[{node.attr('tensor')}]" if node.attr("tensor") else "")
     attrs = [f"{k}={_fmt_attr(v)}" for k, v in node.attrs]
     return f"{node.op}(" + ", ".join([render_inline(a) for a in node.args] + attrs) + ")"
 
@@ -197,7 +197,7 @@ def _label(n: Node, ids: dict["Node", str]) -> str:
     from .ops import OPS
 
     if n.op == "load":
-        return f"load {n.attr('model')}"
+        return f"load {n.attr('model')}" + (f" tensor={n.attr('tensor')}" if n.attr("tensor") else "")
     spec = OPS.get(n.op)
     n_in, slots = spec.layout(len(n.args)) if spec else (len(n.args), [])
     parts = [ids[a] for a in n.args[:n_in]]

@@ -13,15 +13,17 @@ from typing import Any
 
 from . import ast
 from .diagnostics import (
-    ARITHMETIC, ARITY, INPUT, KEYWORD, LIST_LENGTH, OUTPUT_COUNT, RECURSION, REDEFINED, TYPE, UNKNOWN_NAME,
+    ARITHMETIC, ARITY, INPUT, KEYWORD, LIST_LENGTH, OUTPUT_COUNT, RANGE, RECURSION, REDEFINED, TYPE, UNKNOWN_NAME,
     Diagnostic, MergelangError, Reporter, suggest,
 )
 from .graph import Node, Spans, const, walk, with_random_key
 from .ops import OPS, REQUIRED, OpDef
+from .optimize import FoldError, fold
+from .output_options import OutputOptions, lower_options
 from .parse import parse_file
 from .resources import stdlib_files
 
-BUILTINS = {"model", "layers"}
+BUILTINS = {"model", "layers", "lora", "layer_range", "stack"}
 _BINOPS = {"+": "add", "-": "sub", "*": "mul", "/": "div"}
 
 
@@ -31,6 +33,9 @@ class InputModel:
     path_text: str
     folder: Path
     span: ast.Span
+    revision: str | None = None  # model("owner/name", revision=...): a branch, tag or commit in the hub cache
+    kind: str = "model"  # or "lora": an adapter folder read as a delta over the model `base_key`
+    base_key: str | None = None
 
 
 @dataclass
@@ -42,12 +47,14 @@ class Lowered:
     spans: Spans
     sources: dict[str, ast.Source]
     output_span: ast.Span
+    options: OutputOptions = field(default_factory=OutputOptions)
 
     def reference_model(self) -> InputModel:
         used = {n.attr("model") for n in walk(self.output) if n.op == "load"}
         for key, model in self.inputs.items():
             if key in used:
-                return model
+                # A LoRA delta has its base's tensors, config and tokenizer.
+                return self.inputs[model.base_key] if model.kind == "lora" else model
         return next(iter(self.inputs.values()))
 
 
@@ -243,10 +250,14 @@ class _Lowerer:
         kwargs = {k.name: (self.expr(k.value, scope), k) for k in e.kwargs}
         if any(a is POISON for a in args) or any(v is POISON for v, _ in kwargs.values()):
             return POISON
+        if fname in ("layer_range", "stack"):
+            return self.layer_range(e, args, kwargs) if fname == "layer_range" else self.stack(e, args, kwargs)
         if fname == "model":
             return self.model(e, args, kwargs, bind_as)
         if fname == "layers":
             return self.layers(e, args, kwargs)
+        if fname == "lora":
+            return self.lora(e, args, kwargs, bind_as)
         if fname in self.defs:
             return self.call_def(self.defs[fname], e, args, kwargs)
         if fname in OPS:
@@ -256,18 +267,61 @@ class _Lowerer:
                           help=suggest(fname, callables) or "define it with `def NAME(params) = ...`")
 
     def model(self, e: ast.Call, args, kwargs, bind_as: str | None) -> Any:
+        revision, k = kwargs.pop("revision", (None, None))
         if kwargs:
             k = next(iter(kwargs.values()))[1]
-            return self.error(KEYWORD, f"`model` takes no keyword `{k.name}`", k.span, help='write `model("PATH")`')
+            return self.error(KEYWORD, f"`model` takes no keyword `{k.name}`", k.span,
+                              help='write `model("PATH")` or `model("owner/name", revision="REV")`')
+        if revision is not None and not isinstance(revision, str):
+            return self.error(TYPE, f"`revision` of `model` must be a string (a branch, tag or commit), "
+                                    f"found {self.describe(revision)}", k.value.span)
         if len(args) != 1 or not isinstance(args[0], str):
             found = f"{len(args)} arguments" if len(args) != 1 else self.describe(args[0])
             return self.error(ARITY if len(args) != 1 else TYPE,
                               f"`model` takes one string, the checkpoint folder; found {found}", e.span,
                               help='write `model("path/to/checkpoint")` (relative to the spec\'s folder)')
         path_text = args[0]
-        key = bind_as or path_text
+        key = bind_as or (path_text if revision is None else f"{path_text}@{revision}")
+        if key in self.inputs and self.inputs[key].kind != "model":  # `lora("x", ...)` came first
+            key = f"model({path_text!r})"
         if key not in self.inputs:
-            self.inputs[key] = InputModel(key, path_text, (self.folder / path_text), e.span)
+            self.inputs[key] = InputModel(key, path_text, (self.folder / path_text), e.span, revision)
+        return self.at(Node("load", (), {"model": key}), e.span)
+
+    def lora(self, e: ast.Call, args, kwargs, bind_as: str | None) -> Any:
+        usage = 'write `lora("path/to/adapter", base=MODEL)` with MODEL a name bound to `model(...)`'
+        for name, (_, k) in kwargs.items():
+            if name != "base":
+                return self.error(KEYWORD, f"`lora` has no parameter `{name}`", k.span,
+                                  help=suggest(name, ["base"]) or usage)
+        if not args or not isinstance(args[0], str) or len(args) + len(kwargs) > 2:
+            found = f"{len(args) + len(kwargs)} arguments" if len(args) + len(kwargs) > 2 or not args \
+                else self.describe(args[0])
+            return self.error(ARITY if len(args) + len(kwargs) > 2 or not args else TYPE,
+                              f"`lora` takes the adapter folder as a string and `base=`; found {found}",
+                              e.span, help=usage)
+        if len(args) == 2 and "base" in kwargs:
+            return self.error(KEYWORD, "`base` is given twice", kwargs["base"][1].span, help=usage)
+        if len(args) == 2:
+            base, base_span = args[1], e.args[1].span
+        elif "base" in kwargs:
+            base, base_span = kwargs["base"][0], kwargs["base"][1].value.span
+        else:
+            return self.error(ARITY, "`lora` needs `base=`, the model the adapter was trained on", e.span,
+                              help=usage)
+        base_input = self.inputs.get(base.attr("model")) if isinstance(base, Node) and base.op == "load" else None
+        if base_input is None or base_input.kind != "model":
+            found = "a LoRA delta" if base_input is not None else self.describe(base)
+            return self.error(TYPE, f"`base` of `lora` must be a model, found {found}", base_span,
+                              label="not a model", help=usage)
+        path_text = args[0]
+        key = bind_as or path_text
+        known = self.inputs.get(key)
+        if known is not None and (known.kind, known.base_key) != ("lora", base_input.key):
+            key = f"{path_text}@{base_input.key}"
+        if key not in self.inputs:
+            self.inputs[key] = InputModel(key, path_text, self.folder / path_text, e.span,
+                                          kind="lora", base_key=base_input.key)
         return self.at(Node("load", (), {"model": key}), e.span)
 
     def layers(self, e: ast.Call, args, kwargs) -> Any:
@@ -281,6 +335,66 @@ class _Lowerer:
             if not isinstance(a, Node) or self.is_tensor(a):
                 return self.error(TYPE, f"`layers` values must be numbers, found {self.describe(a)}", s.span)
         return self.at(Node("layers", args), e.span)
+
+    def layer_range(self, e: ast.Call, args, kwargs) -> Any:
+        """`layer_range(X, START, END)`: X's layers START..END-1, renumbered from 0 (see stacking.py)."""
+        usage = "write `layer_range(X, START, END)`: the layers START..END-1 of X, numbered from 0"
+        if kwargs:
+            k = next(iter(kwargs.values()))[1]
+            return self.error(KEYWORD, f"`layer_range` takes no keyword `{k.name}`", k.span, help=usage)
+        if len(args) != 3:
+            return self.error(ARITY, f"`layer_range` takes 3 arguments (X, START, END), found {len(args)}", e.span,
+                              help=usage)
+        bounds = []
+        for what, v, s in (("START", args[1], e.args[1]), ("END", args[2], e.args[2])):
+            if isinstance(v, Node) and not self.is_tensor(v):
+                try:
+                    v = fold(v)
+                except FoldError as err:
+                    return self.error(ARITHMETIC, err.message, s.span)
+            value = v.attr("value") if isinstance(v, Node) and v.op == "const" else None
+            if value is None:
+                found = "a per-tensor number" if isinstance(v, Node) and not self.is_tensor(v) else self.describe(v)
+                return self.error(TYPE, f"{what} of `layer_range` must be a whole number, found {found}",
+                                  s.span, help=usage)
+            if not float(value).is_integer():
+                return self.error(TYPE, f"{what} of `layer_range` must be a whole number, found {value:g}", s.span)
+            if value < 0:
+                return self.error(RANGE, f"{what} of `layer_range` must be >= 0, got {value:g}", s.span)
+            bounds.append(int(value))
+        start, end = bounds
+        if start >= end:
+            return self.error(RANGE, f"`layer_range` needs START < END, got START={start} and END={end}", e.span,
+                              label="empty range", help="END is exclusive: `layer_range(x, 0, 8)` is layers 0..7")
+        values = args[0].items if isinstance(args[0], _ListV) else (args[0],)
+        spans = e.args[0].items if isinstance(e.args[0], ast.List) else [e.args[0]] * len(values)
+        out = []
+        for v, s in zip(values, spans):
+            if not isinstance(v, Node) or not self.is_tensor(v):
+                return self.error(TYPE, f"`layer_range` needs a tensor (a model or an expression of models), "
+                                        f"found {self.describe(v)}", s.span)
+            node = Node("layer_range", (v,), {"start": start, "end": end})
+            self.spans.add_arg(node, 2, *self.user_site(e.args[2].span)[:2])  # END, for "beyond the layers"
+            out.append(self.at(node, e.span))
+        return _ListV(tuple(out)) if isinstance(args[0], _ListV) else out[0]
+
+    def stack(self, e: ast.Call, args, kwargs) -> Any:
+        """`stack(PART, ...)`: the parts' layers one after the other (see stacking.py)."""
+        if kwargs:
+            k = next(iter(kwargs.values()))[1]
+            return self.error(KEYWORD, f"`stack` takes no keyword `{k.name}`", k.span)
+        parts = list(zip(args, e.args))
+        if len(args) == 1 and isinstance(args[0], _ListV):
+            items = e.args[0].items if isinstance(e.args[0], ast.List) else [e.args[0]] * len(args[0].items)
+            parts = list(zip(args[0].items, items))
+        if not parts:
+            return self.error(ARITY, "`stack` needs at least one part", e.span,
+                              help="write `stack(layer_range(a, 0, 24), layer_range(b, 20, 40))`")
+        for v, s in parts:
+            if not isinstance(v, Node) or not self.is_tensor(v):
+                return self.error(TYPE, f"each part of `stack` must be a tensor (a model or an expression of "
+                                        f"models), found {self.describe(v)}", s.span)
+        return self.at(Node("stack", [v for v, _ in parts]), e.span)
 
     def call_def(self, d: ast.Def, e: ast.Call, args, kwargs) -> Any:
         names = [p.name for p in d.params]
@@ -487,6 +601,7 @@ def lower(program: ast.Program, reporter: Reporter | None = None) -> Lowered:
     lowerer.pending_names = {st.name.id: st.span.line for st in assigns}
     globals_ = lowerer.globals
     output_value: Any = POISON
+    options = OutputOptions()
     for st in program.statements:
         if isinstance(st, ast.Assign):
             name = st.name.id
@@ -506,6 +621,7 @@ def lower(program: ast.Program, reporter: Reporter | None = None) -> Lowered:
         elif isinstance(st, ast.Output):
             if st is outputs[0]:
                 output_value = lowerer.expr(st.value, globals_)
+                options = lower_options(lowerer, st.options, globals_)
     if not outputs:
         end = program.source.text.count("\n") or 1
         reporter.error(OUTPUT_COUNT, "the spec has no `output` statement",
@@ -522,7 +638,7 @@ def lower(program: ast.Program, reporter: Reporter | None = None) -> Lowered:
             reporter.error(TYPE, f"the output must be a tensor, found {lowerer.describe(output_value)}",
                            outputs[0].value.span, help="the output must involve at least one `model(...)`")
     reporter.raise_if_errors()
-    return Lowered(output_value, lowerer.inputs, lowerer.spans, sources, outputs[0].span)
+    return Lowered(output_value, lowerer.inputs, lowerer.spans, sources, outputs[0].span, options)
 
 
 def lower_file(path: Path, reporter: Reporter | None = None) -> Lowered:

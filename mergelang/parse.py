@@ -329,7 +329,14 @@ class _ToAst(Transformer):
         return ast.Assign(ast.Name(str(name), _token_span(self.file, name)), value, self._s(meta))
 
     def output(self, meta, c):
-        return ast.Output(c[0], self._s(meta))
+        value, *options = c
+        options = tuple(o for o in options if o is not None)
+        _no_repeats(options, "output option")
+        return ast.Output(value, self._s(meta), options)
+
+    def output_option(self, meta, c):
+        _check_name(self.file, c[0])
+        return ast.Keyword(str(c[0]), c[1], self._s(meta))
 
     def def_(self, meta, c):
         name, *params, body = c

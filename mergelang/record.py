@@ -16,10 +16,13 @@ from .io.checkpoint import INDEX_FILE
 from .io.hashing import BackgroundHasher
 from .io.hf_files import MODEL_FILES
 
+# Besides weights: the index of .bin shards and a LoRA adapter's config (its rank and scale).
+EXTRA_FILES = ("pytorch_model.bin.index.json", "adapter_config.json")
+
 
 def input_files(folder: Path, weight_files: list[Path]) -> list[Path]:
     """The files of an input that can change the output: its weights, index, config and tokenizer."""
-    extra = [folder / n for n in (INDEX_FILE, *MODEL_FILES) if (folder / n).is_file()]
+    extra = [folder / n for n in (INDEX_FILE, *EXTRA_FILES, *MODEL_FILES) if (folder / n).is_file()]
     return list(dict.fromkeys([*weight_files, *extra]))
 
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from mergelang import rng
 from mergelang.cli import main
 from mergelang.graph import Node, const
-from mergelang.specialize import LayerInfo, interpolate
+from mergelang.specialize import LayerInfo, interpolate, layer_index
 from oracle import load_folder
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -44,7 +44,23 @@ def ref_task_arithmetic(m, name):
     return base + 0.8 * (0.6 * (m["ft0"] - base) + 0.4 * (m["ft1"] - base))
 
 
-REFERENCES = {"dare_avg": ref_dare_avg, "per_tensor": ref_per_tensor, "task_arithmetic": ref_task_arithmetic}
+def ref_frankenmerge(models, name):
+    """Takes whole models (output layers are built from other layers): ft0's layers 0-1, then ft1's
+    and the base's layers 0-1 mixed with t over that part's 2 layers; the embedding from the first
+    part; the final norm and head from the last part, at t = 0."""
+    k = layer_index(name)
+    if k is not None and k < 2 or "embed_tokens" in name:
+        return models["ft0"][name]
+    t = 0.5
+    if k is not None:
+        name = name.replace(f"layers.{k}.", f"layers.{k - 2}.")
+        t = interpolate([0.5, 0.9], LayerInfo(2).t(name))
+    return (t * models["ft1"][name] + 0.5 * models["base"][name]) / (t + 0.5)
+
+
+REFERENCES = {"dare_avg": ref_dare_avg, "per_tensor": ref_per_tensor, "task_arithmetic": ref_task_arithmetic,
+              "frankenmerge": ref_frankenmerge}
+WHOLE_MODEL_REFERENCES = {"frankenmerge"}  # references that read other tensors than the output's name
 
 
 @pytest.mark.parametrize("example", sorted(p.stem for p in EXAMPLES.glob("*.ml")))
@@ -60,5 +76,8 @@ def test_example(example, family, tmp_path):
     merged = load_folder(out)
     models = {m: load_folder(family / m) for m in ("base", "ft0", "ft1")}
     for name, got in merged.items():
-        expected = REFERENCES[example]({m: t[name].float() for m, t in models.items()}, name)
+        if example in WHOLE_MODEL_REFERENCES:
+            expected = REFERENCES[example]({m: {k: v.float() for k, v in t.items()} for m, t in models.items()}, name)
+        else:
+            expected = REFERENCES[example]({m: t[name].float() for m, t in models.items()}, name)
         assert torch.allclose(got, expected, rtol=1e-6, atol=1e-7), name

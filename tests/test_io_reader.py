@@ -412,20 +412,19 @@ def test_no_weights(tmp_path: Path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError) as exc_info:
         Checkpoint.open(tmp_path)
-    assert_error(exc_info, tmp_path, "looked for model.safetensors, model.safetensors.index.json and *.safetensors")
-    assert ".bin" not in str(exc_info.value)
-
-
-def test_bin_only(tmp_path: Path):
-    (tmp_path / "pytorch_model.bin").write_bytes(b"\0" * 16)
-    with pytest.raises(CheckpointError) as exc_info:
-        Checkpoint.open(tmp_path)
     assert_error(
         exc_info,
         tmp_path,
-        "no safetensors weights found",
-        "found pytorch_model.bin: .bin checkpoints are not supported yet; convert to safetensors",
+        "no weights found (looked for model.safetensors, model.safetensors.index.json, *.safetensors, "
+        "pytorch_model.bin and pytorch_model.bin.index.json)",
     )
+
+
+def test_other_bin_file_is_not_weights(tmp_path: Path):
+    (tmp_path / "training_args.bin").write_bytes(b"\0" * 16)
+    with pytest.raises(CheckpointError) as exc_info:
+        Checkpoint.open(tmp_path)
+    assert_error(exc_info, tmp_path, "no weights found", "found training_args.bin, which is not a model's weights file")
 
 
 def test_several_safetensors_without_index(tmp_path: Path):

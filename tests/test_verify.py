@@ -74,7 +74,7 @@ def test_changed_input_is_reported_by_model_and_file(own, tmp_path):
     flip(weights, info.start)
     result = invoke("verify", merged, "-q")
     assert result.exit_code == 1
-    assert "error[E031]: model `ft0`: file model.safetensors changed since the merge: its sha256 was" in result.output
+    assert "error[E033]: model `ft0`: file model.safetensors changed since the merge: its sha256 was" in result.output
     assert "`base`" not in result.output
 
 
@@ -103,7 +103,7 @@ def test_missing_record_is_a_clear_error(merged):
     (merged / "README.md").unlink()
     result = invoke("verify", merged, "-q")
     assert result.exit_code == 1
-    assert f"error[E030]: {merged} has no README.md, so no record of how it was made" in result.output
+    assert f"error[E032]: {merged} has no README.md, so no record of how it was made" in result.output
 
 
 def test_moved_input_needs_model_option_and_hashes_must_match(own, tmp_path):
@@ -131,7 +131,7 @@ def test_other_version_warns_and_prose_edits_are_allowed(merged):
                     .replace("# spec\n", "# My merged model\n\nSome words of my own.\n"))
     result = invoke("verify", merged, "-q")
     assert result.exit_code == 0, result.output
-    assert f"warning[E030]: the folder was made by mergelang 0.0.1, this is {__version__}" in result.output
+    assert f"warning[E032]: the folder was made by mergelang 0.0.1, this is {__version__}" in result.output
     assert "a different version may compute different bits" in result.output
 
 

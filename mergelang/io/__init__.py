@@ -1,4 +1,5 @@
-"""Checkpoint input and output: a lazy safetensors reader, a streaming sharded writer, atomic output folders."""
+"""Checkpoint input and output: lazy safetensors and `.bin` readers, hub ids from the local cache, a streaming
+sharded writer, atomic output folders."""
 
 from mergelang.io.atomic import atomic_output_dir, free_bytes
 from mergelang.io.checkpoint import Checkpoint
@@ -11,12 +12,14 @@ from mergelang.io.safetensors_format import (
     itemsize,
     read_header,
 )
+from mergelang.io.torch_bin import BinCheckpoint
 from mergelang.io.writer import OutputTensor, ShardedWriter, plan_shards, shard_file_names
 
 __all__ = [
     "DTYPES",
     "DTYPE_CODES",
     "MODEL_FILES",
+    "BinCheckpoint",
     "Checkpoint",
     "CheckpointError",
     "OutputTensor",

@@ -6,6 +6,7 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -46,6 +47,17 @@ def _load_json(path: Path, what: str) -> object:
         raise CheckpointError(f"{what} is not valid JSON: {exc}", path=path) from None
 
 
+def read_config(folder: Path) -> dict | None:
+    """The folder's config.json as a dict, or None when there is none."""
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        return None
+    config = _load_json(config_path, CONFIG_FILE)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{CONFIG_FILE} must hold a JSON object, found {type(config).__name__}", path=config_path)
+    return config
+
+
 class Checkpoint:
     """A checkpoint folder: tensor locations from the headers, data read on demand with pread."""
 
@@ -65,7 +77,11 @@ class Checkpoint:
 
     @classmethod
     def open(cls, folder: Path) -> Checkpoint:
-        """Read the headers of the checkpoint in `folder` (no tensor data is read)."""
+        """Read the headers of the checkpoint in `folder` (no tensor data is read).
+
+        safetensors weights are preferred; a folder with only PyTorch `.bin` weights opens as a
+        `BinCheckpoint` (io/torch_bin.py), which has the same interface.
+        """
         folder = Path(folder)
         if not folder.exists():
             raise CheckpointError("checkpoint folder not found", path=folder)
@@ -91,16 +107,12 @@ class Checkpoint:
                     path=folder,
                 )
             else:
-                raise CheckpointError(_no_weights_message(folder), path=folder)
+                from mergelang.io.torch_bin import BinCheckpoint, has_bin_weights
 
-        config = None
-        config_path = folder / CONFIG_FILE
-        if config_path.is_file():
-            config = _load_json(config_path, CONFIG_FILE)
-            if not isinstance(config, dict):
-                raise CheckpointError(
-                    f"{CONFIG_FILE} must hold a JSON object, found {type(config).__name__}", path=config_path
-                )
+                if has_bin_weights(folder):
+                    return BinCheckpoint.open(folder)
+                raise CheckpointError(_no_weights_message(folder), path=folder)
+        config = read_config(folder)
         return cls(folder, tensors, files, config)
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -166,20 +178,29 @@ class Checkpoint:
             pass
 
     def __repr__(self) -> str:
-        return f"Checkpoint({str(self.path)!r}, {len(self.tensors)} tensors, {len(self.files)} files)"
+        return f"{type(self).__name__}({str(self.path)!r}, {len(self.tensors)} tensors, {len(self.files)} files)"
 
 
 def _no_weights_message(folder: Path) -> str:
-    message = f"no safetensors weights found (looked for {SINGLE_FILE}, {INDEX_FILE} and *.safetensors)"
+    message = (
+        f"no weights found (looked for {SINGLE_FILE}, {INDEX_FILE}, *.safetensors, "
+        "pytorch_model.bin and pytorch_model.bin.index.json)"
+    )
     bins = sorted(p.name for p in folder.glob("*.bin") if p.is_file())
     if bins:
         shown = ", ".join(bins[:3]) + (", ..." if len(bins) > 3 else "")
-        message += f"; found {shown}: .bin checkpoints are not supported yet; convert to safetensors"
+        message += f"; found {shown}, which is not a model's weights file name"
     return message
 
 
-def _open_index(folder: Path, index_path: Path) -> tuple[list[Path], dict[str, TensorInfo]]:
-    index = _load_json(index_path, INDEX_FILE)
+def _open_index(
+    folder: Path,
+    index_path: Path,
+    read_tensors: Callable[[Path], dict[str, TensorInfo]] = lambda file: read_header(file)[0],
+) -> tuple[list[Path], dict[str, TensorInfo]]:
+    """Shard files and tensors of a sharded checkpoint, checked against the index's weight_map."""
+    index_name = index_path.name
+    index = _load_json(index_path, index_name)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         found = "no weight_map" if isinstance(index, dict) else f"a JSON {type(index).__name__}"
@@ -208,7 +229,14 @@ def _open_index(folder: Path, index_path: Path) -> tuple[list[Path], dict[str, T
 
     tensors: dict[str, TensorInfo] = {}
     for file in files:
-        for name, info in read_header(file)[0].items():
+        try:
+            found = read_tensors(file)
+        except CheckpointError as exc:
+            if exc.tensor is None:
+                mapped = [n for n, s in weight_map.items() if folder / s == file]
+                exc.message += f" (the index maps {len(mapped)} tensors to this file, e.g. {mapped[0]!r})"
+            raise
+        for name, info in found.items():
             if name in tensors:
                 raise CheckpointError(
                     f"present in two shards: {tensors[name].path.name} and {file.name}", path=file, tensor=name
@@ -219,7 +247,7 @@ def _open_index(folder: Path, index_path: Path) -> tuple[list[Path], dict[str, T
         if info is None or info.path != folder / shard:
             where = f"it is in {info.path.name}" if info is not None else "no shard has it"
             raise CheckpointError(
-                f"{INDEX_FILE} maps this tensor to {shard}, which does not contain it ({where})",
+                f"{index_name} maps this tensor to {shard}, which does not contain it ({where})",
                 path=folder / shard,
                 tensor=name,
             )

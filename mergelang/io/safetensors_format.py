@@ -78,13 +78,16 @@ def itemsize(code: str) -> int:
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives: its dtype code, shape, file and absolute byte range."""
+    """Where one tensor lives: its dtype code, shape, file and absolute byte range.
+
+    `start` is None for a tensor inside a PyTorch `.bin` pickle, whose data has no fixed offset.
+    """
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     path: Path
-    start: int
+    start: int | None
     nbytes: int
 
     @property
