@@ -155,3 +155,37 @@ def test_cache_that_cannot_be_written_does_not_fail_a_merge(family, tmp_path, mo
     run(spec, tmp_path / "out", RunOptions(seed=1))
     record = read_record(tmp_path / "out")
     assert record["inputs"][0]["files"][0]["sha256"] == sha(family / "base" / "model.safetensors")
+
+
+def test_hub_input_card_names_the_hub_id_and_takes_blob_names(family, tmp_path, monkeypatch):
+    """A model in a hub cache: the card names it by hub id and takes each blob's name as its sha256
+    (a blob deliberately misnamed here shows the name is used unread); verify reads the bytes."""
+    from click.testing import CliRunner
+
+    from mergelang.cli import main
+
+    commit = "c0" * 20
+    repo = tmp_path / "hf" / "models--org--tiny"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    names = {}
+    for f in sorted((family / "ft0").iterdir()):
+        names[f.name] = "ee" * 32 if f.name == "model.safetensors" else sha(f)
+        (repo / "blobs" / names[f.name]).write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("../../blobs") / names[f.name])
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    spec = write_spec(tmp_path, 'base = model("base")\ntiny = model("org/tiny")\noutput avg(base, tiny)\n')
+    (tmp_path / "base").symlink_to(family / "base")
+    run(spec, tmp_path / "out", RunOptions())
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert front_matter(text)["base_model"] == ["base", "org/tiny"]
+    entry = read_record(tmp_path / "out")["inputs"][1]
+    assert (entry["key"], entry["path"], entry["resolved"]) == ("tiny", "org/tiny", str(snap.resolve()))
+    assert {f["name"]: f["sha256"] for f in entry["files"]} == names
+    result = CliRunner().invoke(main, ["verify", str(tmp_path / "out"), "-q"])
+    assert result.exit_code == 1
+    assert (f"model `tiny`: file model.safetensors changed since the merge: its sha256 was {'ee' * 32}, "
+            f"it is {sha(family / 'ft0' / 'model.safetensors')}") in result.output
