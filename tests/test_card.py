@@ -189,3 +189,15 @@ def test_hub_input_card_names_the_hub_id_and_takes_blob_names(family, tmp_path, 
     assert result.exit_code == 1
     assert (f"model `tiny`: file model.safetensors changed since the merge: its sha256 was {'ee' * 32}, "
             f"it is {sha(family / 'ft0' / 'model.safetensors')}") in result.output
+
+
+def test_input_files_cover_what_changes_the_output(tmp_path):
+    from mergelang.record import input_files
+
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "notes.txt",
+                 "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"):
+        (tmp_path / name).write_text("x")
+    weights = [tmp_path / "adapter_model.safetensors", tmp_path / "pytorch_model-00001-of-00002.bin"]
+    assert [p.name for p in input_files(tmp_path, weights)] == [
+        "adapter_model.safetensors", "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json",
+        "adapter_config.json", "tokenizer.json"]
