@@ -13,6 +13,7 @@ from .execute import DEFAULT_CHUNK, ExecOptions, execute
 from .io import ShardedWriter, atomic_output_dir, copy_model_files, free_bytes
 from .io.writer import OutputTensor
 from .lower import lower_file
+from .record import start_record
 from .stats import dare_warnings
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
@@ -27,6 +28,7 @@ class RunOptions:
     device: str = "cpu"
     chunk: int = DEFAULT_CHUNK
     force: bool = False
+    reverse: bool = False  # evaluate tensors last to first (tests: the bytes must not change)
 
 
 def parse_size(text: str) -> int:
@@ -80,14 +82,18 @@ def write_plan(plan: Plan, out: Path, options: RunOptions, progress=None) -> Pat
     tensors = [OutputTensor(t.name, t.dtype, t.shape) for t in plan.tensors]
     dtypes = {t.dtype for t in plan.tensors}
     dtype_name = TORCH_NAMES.get(dtypes.pop()) if len(dtypes) == 1 else None
+    # The inputs are hashed for the model card on a background thread while the merge runs.
+    record = start_record(plan, options.seed, options.dtype, options.shard_size, options.models)
     try:
         with atomic_output_dir(out, force=options.force) as tmp:
             with ShardedWriter(tmp, tensors, options.shard_size, metadata={"format": "pt"}) as writer:
-                execute(plan, writer, ExecOptions(options.seed, options.device, options.chunk), progress)
+                execute(plan, writer, ExecOptions(options.seed, options.device, options.chunk, options.reverse),
+                        progress)
             copy_model_files(plan.checkpoints[plan.config_source].path, tmp, dtype_name=dtype_name,
                              config_updates=plan.config_updates,
                              tokenizer_src=plan.checkpoints[plan.tokenizer_source].path,
                              chat_template=plan.lowered.options.chat_template)
+            record.write_card(tmp)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise MergelangError(Diagnostic(
@@ -97,6 +103,8 @@ def write_plan(plan: Plan, out: Path, options: RunOptions, progress=None) -> Pat
         raise MergelangError(Diagnostic(
             WRITE, f"cannot write the output {out}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""),
             notes=("nothing was written: the partial output was removed",))) from None
+    finally:
+        record.cancel()  # stops the hashing thread after an error; a no-op once it is done
     return out
 
 

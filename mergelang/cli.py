@@ -339,3 +339,61 @@ def import_cmd(config, out, force, reporter):
         return
     write_spec(spec, out, force=force)
     click.echo(f"wrote {out}", err=True)
+# ---- mergelang verify ------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--model", "models", multiple=True, metavar="NAME=PATH",
+              help="The input NAME has moved to PATH (its files must still hash the same; repeatable).")
+@click.option("--tmp", type=click.Path(path_type=Path, file_okay=False),
+              help="Where to write the re-run merge (default: the system's temporary folder); removed after.")
+@click.option("--device", default="cpu", show_default=True, help="Where to compute; the output does not depend on it.")
+@click.option("-j", "--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_user_errors
+def verify(folder, models, tmp, device, threads, quiet, reporter):
+    """Check that FOLDER is what its recorded spec computes from its recorded inputs.
+
+    Reads the record in FOLDER/README.md, checks that every input file still has its recorded
+    sha256, re-runs the merge into a temporary folder and compares every file. Prints `identical`
+    (exit 0), or the first file (and tensor) that differs (exit 1).
+    """
+    import shutil
+    import tempfile
+
+    from . import verify as v
+    from .check import build_plan
+
+    _check_device(device)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    record = v.read(folder, reporter)
+    folders = v.input_folders(record, _parse_models(models), reporter)
+    _print(reporter.warnings)
+    reporter.diagnostics.clear()
+    v.check_inputs(record, folders, reporter)
+    options = v.rerun_options(record, folders)
+    options.device = device
+    plan = build_plan(v.lower_recorded(record, reporter), options.models, options.dtype, reporter)
+    _print(reporter.warnings)
+    reporter.diagnostics.clear()
+    if tmp is not None:
+        tmp.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="mergelang-verify-", dir=tmp))
+    try:
+        try:
+            with _progress(plan, quiet) as advance:
+                rerun = write_plan(plan, work / "merged", options, advance)
+        finally:
+            plan.close()
+        difference = v.compare_folders(folder, rerun)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if difference is None:
+        click.echo("identical")
+        return
+    click.echo(f"differs: {difference}")
+    sys.exit(EXIT_ERROR)

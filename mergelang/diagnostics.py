@@ -30,6 +30,8 @@ INTERRUPTED = "E020"
 DARE_LARGE_DELTA = "E030"  # a warning: DARE with a high p on a large delta (stats.dare_warnings)
 MISSING_DEPENDENCY = "E031"  # an optional extra is not installed (mergelang[plot])
 UNSUPPORTED = "E032"  # a mergekit setting `mergelang import` cannot translate
+RECORD = "E033"  # an output folder's model card or its record (`mergelang verify`)
+INPUT_CHANGED = "E034"  # an input's file differs from the one the record names
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,11 @@ class ExecOptions:
     seed: int = 0
     device: str = "cpu"
     chunk: int = DEFAULT_CHUNK
+    reverse: bool = False  # evaluate the tensors last to first: tests check the bytes do not change
+
+
+def tensor_order(plan: Plan, options: ExecOptions) -> list[TensorPlan]:
+    return plan.tensors[::-1] if options.reverse else plan.tensors
 
 
 class TensorEvaluator:
@@ -185,7 +190,7 @@ def keep_freed_memory_mapped() -> None:
 
 def _predicted_reads(plan: Plan, options: ExecOptions):
     """The reads `execute` will make, in order: per tensor, per chunk, its region's loads."""
-    for tp in plan.tensors:
+    for tp in tensor_order(plan, options):
         evaluator = TensorEvaluator(tp, None, options)
         loads = [(step.node.attr("model"), step.node.attr("tensor") or tp.name)
                  for step in region(tp.graph) if step.node.op == "load"]
@@ -218,7 +223,7 @@ def model_statistics(plan: Plan, options: ExecOptions) -> dict[Node, torch.Tenso
     graph is one node: its tensors are the ones it is computed over.
     """
     groups: dict[Node, list[TensorPlan]] = {}
-    for tp in plan.tensors:
+    for tp in tensor_order(plan, options):
         for n in walk(tp.graph):
             if n.op in OPS and OPS[n.op].kind == "model":
                 groups.setdefault(n, []).append(tp)
@@ -255,7 +260,7 @@ def execute(plan: Plan, writer: ShardedWriter, options: ExecOptions,
     ahead = ReadAhead(_predicted_reads(plan, options), lambda m, t, a, b: plan.checkpoints[m].read(t, a, b))
     behind = WriteBehind(writer.write)
     try:
-        for tp in plan.tensors:
+        for tp in tensor_order(plan, options):
             evaluator = TensorEvaluator(tp, None, options)
             evaluator.read = _reader(plan, tp, evaluator, device, ahead.read)
             evaluator.cache.update({n: v for n, v in whole_model.items()})

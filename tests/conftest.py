@@ -23,3 +23,9 @@ def family(tmp_path_factory) -> Path:
     make_tiny_llama(root / "ft0", seed=1, base=root / "base")
     make_tiny_llama(root / "ft1", seed=2, base=root / "base")
     return root
+
+
+@pytest.fixture(autouse=True)
+def _hash_cache(tmp_path_factory, monkeypatch):
+    """Runs cache their inputs' sha256 in a folder of the test session, not in the user's ~/.cache."""
+    monkeypatch.setenv("MERGELANG_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "hash-cache"))
