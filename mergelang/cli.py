@@ -1,4 +1,4 @@
-"""Command line: `mergelang run | check | explain | demo`."""
+"""Command line: `mergelang run | check | explain | demo | import | stats | verify`."""
 
 from __future__ import annotations
 
@@ -359,39 +359,20 @@ def verify(folder, models, tmp, device, threads, quiet, reporter):
     sha256, re-runs the merge into a temporary folder and compares every file. Prints `identical`
     (exit 0), or the first file (and tensor) that differs (exit 1).
     """
-    import shutil
-    import tempfile
-
-    from . import verify as v
-    from .check import build_plan
+    from .verify import verify_folder
 
     _check_device(device)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    record = v.read(folder, reporter)
-    folders = v.input_folders(record, _parse_models(models), reporter)
-    _print(reporter.warnings)
-    reporter.diagnostics.clear()
-    v.check_inputs(record, folders, reporter)
-    options = v.rerun_options(record, folders)
-    options.device = device
-    plan = build_plan(v.lower_recorded(record, reporter), options.models, options.dtype, reporter)
-    _print(reporter.warnings)
-    reporter.diagnostics.clear()
-    if tmp is not None:
-        tmp.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="mergelang-verify-", dir=tmp))
-    try:
-        try:
-            with _progress(plan, quiet) as advance:
-                rerun = write_plan(plan, work / "merged", options, advance)
-        finally:
-            plan.close()
-        difference = v.compare_folders(folder, rerun)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+
+    def on_plan(plan):
+        _print(reporter.warnings)
+        reporter.diagnostics.clear()
+        return _progress(plan, quiet)
+
+    difference = verify_folder(folder, _parse_models(models), reporter, device=device, tmp=tmp, on_plan=on_plan)
     if difference is None:
         click.echo("identical")
         return

@@ -10,13 +10,17 @@ safetensors file, the first tensor. README.md is compared by its record (its pro
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .api import RunOptions
+from .api import RunOptions, write_plan
+from .check import build_plan
 from .diagnostics import INPUT_CHANGED, RECORD, Diagnostic, MergelangError, Reporter
 from .io.card import CARD_FILE, CardError, read_record
 from .io.hashing import HashCache, hash_file
@@ -36,6 +40,31 @@ class Difference:
     def __str__(self) -> str:
         where = f"{self.file}: tensor `{self.tensor}`" if self.tensor else self.file
         return f"{where} {self.detail}"
+
+
+def verify_folder(folder: Path, rebind: dict[str, Path], reporter: Reporter, *, device: str = "cpu",
+                  tmp: Path | None = None, on_plan=None) -> Difference | None:
+    """The whole check: record, input hashes, re-run into a temporary folder (under `tmp`, else the
+    system's), comparison. Returns the first difference or None. `on_plan(plan)`, when given, is called
+    once the re-run is planned and returns a context manager that yields a progress callback."""
+    record = read(folder, reporter)
+    folders = input_folders(record, rebind, reporter)
+    check_inputs(record, folders, reporter)
+    options = rerun_options(record, folders)
+    options.device = device
+    plan = build_plan(lower_recorded(record, reporter), options.models, options.dtype, reporter)
+    if tmp is not None:
+        tmp.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="mergelang-verify-", dir=tmp))
+    try:
+        try:
+            with (on_plan(plan) if on_plan else nullcontext()) as progress:
+                rerun = write_plan(plan, work / "merged", options, progress)
+        finally:
+            plan.close()
+        return compare_folders(folder, rerun)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def read(folder: Path, reporter: Reporter) -> dict:
