@@ -26,6 +26,7 @@ class RunOptions:
     device: str = "cpu"
     chunk: int = DEFAULT_CHUNK
     force: bool = False
+    compile: str | None = None  # auto | always | never; None: $MERGELANG_COMPILE or auto (fuse.py)
 
 
 def parse_size(text: str) -> int:
@@ -80,7 +81,7 @@ def write_plan(plan: Plan, out: Path, options: RunOptions, progress=None) -> Pat
     try:
         with atomic_output_dir(out, force=options.force) as tmp:
             with ShardedWriter(tmp, tensors, options.shard_size, metadata={"format": "pt"}) as writer:
-                execute(plan, writer, ExecOptions(options.seed, options.device, options.chunk), progress)
+                execute(plan, writer, ExecOptions(options.seed, options.device, options.chunk, options.compile), progress)
             copy_model_files(plan.checkpoints[plan.reference].path, tmp, dtype_name=dtype_name,
                              config_updates=plan.config_updates)
     except OSError as e:
