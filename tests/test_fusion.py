@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -47,7 +48,11 @@ def evaluate(graph: Node, shape, data, chunk: int, fuser=None, seed: int = 9) ->
 
 
 def same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
-    return x.shape == y.shape and torch.equal(x.view(torch.int32), y.view(torch.int32))
+    """The same bytes, except that a NaN may be another NaN: which operand's NaN an `a + b` returns
+    depends on the machine code (the eager path itself differs there between chunk sizes)."""
+    nan = torch.isnan(x)
+    return (x.shape == y.shape and torch.equal(nan, torch.isnan(y))
+            and torch.equal(x.view(torch.int32)[~nan], y.view(torch.int32)[~nan]))
 
 
 def L(m: str) -> Node:
@@ -96,7 +101,10 @@ def test_every_op_compiled_gives_the_eager_bits_for_any_chunking():
 @given(expressions(), st.sampled_from([5, 12, 35]))
 def test_random_graphs_compiled_give_the_eager_bits(graph, chunk):
     data = _data(SHAPE, seed=1)
-    expected = evaluate(graph, SHAPE, data, chunk)
+    try:
+        expected = evaluate(graph, SHAPE, data, chunk)
+    except ZeroDivisionError:
+        return
     got = evaluate(graph, SHAPE, data, chunk, fuse.Fuser("always"))
     assert same_bits(got, expected), graph
 
@@ -116,8 +124,14 @@ class _Plain:
 def test_generated_code_of_random_graphs_gives_the_eager_bits(graph, chunk):
     data = _data(SHAPE, seed=2)
     fuser = fuse.Fuser("always")
-    fuser.program = lambda steps: _generated(steps)
-    assert same_bits(evaluate(graph, SHAPE, data, chunk, fuser), evaluate(graph, SHAPE, data, chunk)), graph
+    fuser.program = _generated
+    try:
+        expected = evaluate(graph, SHAPE, data, chunk)
+    except ZeroDivisionError:  # constants divided by zero (a user error that check reports)
+        with pytest.raises(ZeroDivisionError):
+            evaluate(graph, SHAPE, data, chunk, fuser)
+        return
+    assert same_bits(evaluate(graph, SHAPE, data, chunk, fuser), expected), graph
 
 
 def _generated(steps):
