@@ -46,7 +46,7 @@ _M2_SIGNED = rng.M2 - (1 << 32)  # ≡ M2 mod 2^32, small enough that int64 prod
 # Cost model (seconds), measured on a 2-core x86 machine (see docs/pipeline.md).
 COLD_COMPILE_S = 25.0
 WARM_COMPILE_S = 2.5
-SAVED_PER_ELEMENT_STEP_S = 0.6e-9  # eager time saved per element and region step
+SAVED_PER_ELEMENT_STEP_S = 0.8e-9  # eager time saved per element and non-constant region step
 
 
 def default_mode() -> str:
@@ -195,6 +195,7 @@ class RegionProgram:
         code = compile(self.source, f"<mergelang region {self.digest[:12]}>", "exec")
         exec(code, self.globals)
         self.function = self.globals["region"]
+        self.work = sum(s.node.op != "const" for s in steps)  # loads, leaves and ops: passes eager makes
 
 
 def fusable(steps: tuple[Step, ...]) -> bool:
@@ -234,7 +235,7 @@ class Fuser:
         if self.mode == "never":
             return False
         cost = WARM_COMPILE_S if _marker(program.digest).exists() else COLD_COMPILE_S
-        saved = self.elements.get(program.steps[-1].node, 0) * len(program.steps) * SAVED_PER_ELEMENT_STEP_S
+        saved = self.elements.get(program.steps[-1].node, 0) * program.work * SAVED_PER_ELEMENT_STEP_S
         return saved > cost
 
     def program(self, steps: tuple[Step, ...]):
