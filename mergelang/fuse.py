@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from . import rng
+from .graph import walk
 from .ops import OPS
 from .ops.fast import zero_unless
 from .ops.select import INDEX_BITS, KEEP_NONE
@@ -44,8 +45,8 @@ MASK32 = 0xFFFFFFFF
 _M2_SIGNED = rng.M2 - (1 << 32)  # ≡ M2 mod 2^32, small enough that int64 products never overflow
 
 # Cost model (seconds), measured on a 2-core x86 machine (see docs/pipeline.md).
-COLD_COMPILE_S = 25.0
-WARM_COMPILE_S = 2.5
+COLD_COMPILE_S = 12.0  # dynamo + inductor + the C++ compiler, a region of a few ops
+WARM_COMPILE_S = 3.0  # the same with inductor's FX graph cache already holding the code
 SAVED_PER_ELEMENT_STEP_S = 0.8e-9  # eager time saved per element and non-constant region step
 
 
@@ -225,8 +226,11 @@ class Fuser:
     @classmethod
     def for_plan(cls, plan, mode: str | None = None) -> "Fuser":
         elements: dict = {}
-        for tp in plan.tensors:
-            elements[tp.graph] = elements.get(tp.graph, 0) + tp.numel
+        for tp in plan.tensors:  # the output's region, and the regions that feed its reductions
+            roots = [tp.graph] + [a for n in walk(tp.graph) if n.op in OPS and OPS[n.op].kind != "elementwise"
+                                  for a in n.args if a.op in OPS and OPS[a.op].kind == "elementwise"]
+            for root in dict.fromkeys(roots):
+                elements[root] = elements.get(root, 0) + tp.numel
         return cls(default_mode() if mode is None else mode, elements)
 
     def worth(self, program: RegionProgram) -> bool:

@@ -222,3 +222,35 @@ def test_compile_mode_comes_from_the_environment(monkeypatch):
         assert str(e) == "MERGELANG_COMPILE must be one of auto, always, never, got 'sometimes'"
     else:
         raise AssertionError("an unknown mode must be refused")
+
+
+def test_plan_elements_count_every_tensor_sharing_a_region():
+    a, b = L("a"), L("b")
+    delta = Node("sub", [a, b])
+    ties_like = Node("add", [b, Node("keep_top", [delta, Node("topk_cutoff", [delta, const(0.5)])])])
+    plain = Node("add", [a, b])
+    plan = type("Plan", (), {"tensors": [TensorPlan("x", ties_like, (4, 3), "F32"),
+                                         TensorPlan("y", ties_like, (5,), "F32"),
+                                         TensorPlan("z", plain, (2, 2), "F32")]})()
+    fuser = fuse.Fuser.for_plan(plan, "auto")
+    assert fuser.elements == {ties_like: 17, delta: 17, plain: 4}
+
+
+def test_run_compiled_writes_the_bytes_of_run_eager(family, tmp_path):
+    from click.testing import CliRunner
+    from oracle import load_folder
+
+    from mergelang.cli import main
+
+    spec = tmp_path / "spec.ml"
+    spec.write_text(f'base = model("{family / "base"}")\nft = model("{family / "ft0"}")\n'
+                    "output base + dare(ft - base, p=0.5)\n")
+    outs = {}
+    for mode in ("never", "always"):
+        result = CliRunner().invoke(main, ["run", str(spec), "-o", str(tmp_path / mode), "-q", "--compile", mode],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        outs[mode] = load_folder(tmp_path / mode)
+    assert outs["never"].keys() == outs["always"].keys()
+    for name, eager in outs["never"].items():
+        assert torch.equal(eager.view(torch.int16), outs["always"][name].view(torch.int16)), name
