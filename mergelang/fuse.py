@@ -23,9 +23,13 @@ file under the same cache directory records that).
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import logging
 import os
+import re
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -206,10 +210,20 @@ def fusable(steps: tuple[Step, ...]) -> bool:
         not s.inputs and s.node.op != "const" for s in steps)
 
 
-def _marker(digest: str) -> Path:
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
+def _cache_dir() -> Path:
+    """Inductor's cache folder (torch._inductor.runtime.cache_dir_utils.cache_dir, which costs
+    over a second to import: deciding not to compile must stay cheap)."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).absolute()
+    try:
+        user = getpass.getuser()
+    except (KeyError, ModuleNotFoundError, OSError):
+        user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "unknown_user"
+    return Path(tempfile.gettempdir()) / ("torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
 
-    return Path(cache_dir()) / "mergelang-regions" / digest
+
+def _marker(digest: str) -> Path:
+    return _cache_dir() / "mergelang-regions" / digest
 
 
 class Fuser:
@@ -310,17 +324,15 @@ class Compiled:
     def __call__(self, leaves, keys, start):
         if self.failed:
             return self.program.function(leaves, keys, start)
-        if not self.first:
-            return self.function(leaves, keys, start)
-        import time
-
         began = time.perf_counter()
         try:
             out = self.function(leaves, keys, start)
-        except Exception as error:
+        except Exception as error:  # a compile failure, or a recompile limit reached on a new shape
             log.warning("compiling a region failed, evaluating it eagerly: %s", error)
             self.failed = True
             return self.program.function(leaves, keys, start)  # the same code, run by eager torch
+        if not self.first:
+            return out
         self.first = False
         log.info("compiled a region of %d steps in %.1f s", len(self.program.steps), time.perf_counter() - began)
         marker = _marker(self.program.digest)

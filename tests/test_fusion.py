@@ -254,3 +254,11 @@ def test_run_compiled_writes_the_bytes_of_run_eager(family, tmp_path):
     assert outs["never"].keys() == outs["always"].keys()
     for name, eager in outs["never"].items():
         assert torch.equal(eager.view(torch.int16), outs["always"][name].view(torch.int16)), name
+
+
+def test_marker_folder_is_inductors_cache_folder(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    assert str(fuse._cache_dir()) == cache_dir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "c"))
+    assert fuse._cache_dir() == tmp_path / "c" and str(fuse._cache_dir()) == cache_dir()
