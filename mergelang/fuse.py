@@ -51,7 +51,11 @@ _M2_SIGNED = rng.M2 - (1 << 32)  # ≡ M2 mod 2^32, small enough that int64 prod
 # Cost model (seconds), measured on a 2-core x86 machine (see docs/pipeline.md).
 COLD_COMPILE_S = 12.0  # dynamo + inductor + the C++ compiler, a region of a few ops
 WARM_COMPILE_S = 3.0  # the same with inductor's FX graph cache already holding the code
+STARTUP_S = 2.0  # importing dynamo and inductor, once per process
 SAVED_PER_ELEMENT_STEP_S = 0.8e-9  # eager time saved per element and non-constant region step
+
+
+_compiled_in_process = False  # dynamo and inductor are imported and warm
 
 
 def default_mode() -> str:
@@ -229,31 +233,37 @@ def _marker(digest: str) -> Path:
 class Fuser:
     """Compiled regions for one run: which to compile (the cost model), and their evaluation."""
 
-    def __init__(self, mode: str = "auto", elements: dict | None = None):
+    def __init__(self, mode: str = "auto", elements: dict | None = None, variants: dict | None = None):
         if mode not in MODES:
             raise ValueError(f"compile mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.mode = mode
         self.elements = elements or {}  # region root → elements the plan pushes through it
+        self.variants = variants or {}  # region root → how many compiles its tensors need (one per rank)
         self.programs: dict[tuple[Step, ...], object] = {}  # region → compiled callable, or None
         self.compile_seconds = 0.0
 
     @classmethod
     def for_plan(cls, plan, mode: str | None = None) -> "Fuser":
         elements: dict = {}
+        ranks: dict = {}
         for tp in plan.tensors:  # the output's region, and the regions that feed its reductions
             roots = [tp.graph] + [a for n in walk(tp.graph) if n.op in OPS and OPS[n.op].kind != "elementwise"
                                   for a in n.args if a.op in OPS and OPS[a.op].kind == "elementwise"]
             for root in dict.fromkeys(roots):
                 elements[root] = elements.get(root, 0) + tp.numel
-        return cls(default_mode() if mode is None else mode, elements)
+                ranks.setdefault(root, set()).add(max(1, len(tp.shape)))
+        return cls(default_mode() if mode is None else mode, elements, {k: len(v) for k, v in ranks.items()})
 
     def worth(self, program: RegionProgram) -> bool:
         if self.mode == "always":
             return True
         if self.mode == "never":
             return False
-        cost = WARM_COMPILE_S if _marker(program.digest).exists() else COLD_COMPILE_S
-        saved = self.elements.get(program.steps[-1].node, 0) * program.work * SAVED_PER_ELEMENT_STEP_S
+        root = program.steps[-1].node
+        cost = (WARM_COMPILE_S if _marker(program.digest).exists() else COLD_COMPILE_S) * self.variants.get(root, 1)
+        if not _compiled_in_process:
+            cost += STARTUP_S
+        saved = self.elements.get(root, 0) * program.work * SAVED_PER_ELEMENT_STEP_S
         return saved > cost
 
     def program(self, steps: tuple[Step, ...]):
@@ -334,6 +344,8 @@ class Compiled:
         if not self.first:
             return out
         self.first = False
+        global _compiled_in_process
+        _compiled_in_process = True
         log.info("compiled a region of %d steps in %.1f s", len(self.program.steps), time.perf_counter() - began)
         marker = _marker(self.program.digest)
         marker.parent.mkdir(parents=True, exist_ok=True)

@@ -201,6 +201,7 @@ def test_cost_model_compiles_only_when_the_elements_pay(tmp_path, monkeypatch):
     program = fuse.RegionProgram(region(graph))
     assert program.work == 3
     steps_cost = 3 * fuse.SAVED_PER_ELEMENT_STEP_S  # two loads and an add
+    monkeypatch.setattr(fuse, "_compiled_in_process", True)
     cold = math.ceil(fuse.COLD_COMPILE_S / steps_cost)
     warm = math.ceil(fuse.WARM_COMPILE_S / steps_cost)
     assert not fuse.Fuser("auto", {graph: cold - 1}).worth(program)
@@ -209,6 +210,10 @@ def test_cost_model_compiles_only_when_the_elements_pay(tmp_path, monkeypatch):
     fuse._marker(program.digest).parent.mkdir(parents=True)
     fuse._marker(program.digest).touch()  # compiled before: inductor's cache holds it
     assert fuse.Fuser("auto", {graph: warm + 1}).worth(program)
+    assert not fuse.Fuser("auto", {graph: warm + 1}, {graph: 2}).worth(program)  # 1-D and 2-D tensors
+    assert fuse.Fuser("auto", {graph: 2 * warm + 1}, {graph: 2}).worth(program)
+    monkeypatch.setattr(fuse, "_compiled_in_process", False)  # dynamo and inductor still to import
+    assert not fuse.Fuser("auto", {graph: 2 * warm + 1}, {graph: 2}).worth(program)
     assert fuse.Fuser("always", {}).worth(program) and not fuse.Fuser("never", {graph: 1 << 40}).worth(program)
 
 
@@ -234,6 +239,7 @@ def test_plan_elements_count_every_tensor_sharing_a_region():
                                          TensorPlan("z", plain, (2, 2), "F32")]})()
     fuser = fuse.Fuser.for_plan(plan, "auto")
     assert fuser.elements == {ties_like: 17, delta: 17, plain: 4}
+    assert fuser.variants == {ties_like: 2, delta: 2, plain: 1}
 
 
 def test_run_compiled_writes_the_bytes_of_run_eager(family, tmp_path):
