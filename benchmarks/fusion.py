@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("spec", type=Path)
     ap.add_argument("--tensor", default="model.layers.0.mlp.up_proj.weight")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--f32-out", action="store_true", help="compiled regions return float32 (converted after)")
     args = ap.parse_args()
     plan = check(args.spec, RunOptions())
     tp = next(t for t in plan.tensors if t.name == args.tensor)
@@ -37,11 +38,14 @@ def main() -> None:
     stored = {m: plan.checkpoints[m].read(tp.name, 0, tp.numel).view(shape) for m in models}
     out_dtype = DTYPES[tp.dtype]
 
+    convert_in_loop = not args.f32_out
+
     def run(mode: str, fuser=None) -> tuple[float, torch.Tensor]:
         ev = TensorEvaluator(tp, None, ExecOptions())
         read = lambda m, r0, r1: stored[m][r0:r1].to(torch.float32)  # noqa: E731  (execute._reader's conversion)
         read.raw = lambda m, r0, r1: stored[m][r0:r1]
         ev.read, ev.fuser = read, fuser if mode != "never" else None
+        ev.out_dtype = out_dtype if convert_in_loop else None  # as execute sets it
         began = time.perf_counter()
         parts = [v.to(out_dtype).reshape(-1) for _, v in ev.output_chunks()]
         return time.perf_counter() - began, torch.cat(parts)

@@ -46,6 +46,7 @@ class TensorEvaluator:
     """Evaluates one planned tensor: chunks of rows, with its reductions and tensor ops cached."""
 
     fuser: Fuser | None = None  # compiled regions (execute sets it)
+    out_dtype: torch.dtype | None = None  # compiled output regions may return chunks in this dtype
 
     def __init__(self, tp: TensorPlan, read: Reader, options: ExecOptions):
         self.tp, self.read, self.options = tp, read, options
@@ -262,6 +263,7 @@ def execute(plan: Plan, writer: ShardedWriter, options: ExecOptions,
             evaluator = TensorEvaluator(tp, None, options)
             evaluator.read = _reader(plan, tp, evaluator, device, ahead.read)
             evaluator.fuser = fuser
+            evaluator.out_dtype = DTYPES[tp.dtype]
             evaluator.cache.update({n: v for n, v in whole_model.items()})
             out_dtype = DTYPES[tp.dtype]
             for start, values in evaluator.output_chunks():

@@ -163,11 +163,11 @@ class _Ref:
 class RegionProgram:
     """A region as one generated function f(leaves, keys, start) → the root's chunk (float32)."""
 
-    def __init__(self, steps: tuple[Step, ...]):
-        self.steps = steps
+    def __init__(self, steps: tuple[Step, ...], out_dtype: torch.dtype | None = None):
+        self.steps, self.out_dtype = steps, out_dtype
         self.leaves = [i for i, s in enumerate(steps) if not s.inputs and s.node.op != "const"]
         self.random = [i for i, s in enumerate(steps) if s.inputs and OPS[s.node.op].random]
-        self.globals: dict = {"torch": torch}
+        self.globals: dict = {"torch": torch, "OUT": out_dtype}
         lines = [f"def region(L, R, start):"]
         slot = {i: k for k, i in enumerate(self.leaves)}
         rslot = {i: k for k, i in enumerate(self.random)}
@@ -197,10 +197,14 @@ class RegionProgram:
                 else:
                     self.globals[f"K{i}"] = spec.kernel
                     lines.append(f"    v{i} = K{i}(None, {args}, **P{i})")
-        lines.append(f"    return v{len(steps) - 1}")
+        last = f"v{len(steps) - 1}"
+        if out_dtype is None:
+            lines.append(f"    return {last}")
+        else:  # the output chunk, converted in the same loop (a statistic is broadcast later)
+            lines.append(f"    return {last}.to(OUT) if isinstance({last}, torch.Tensor) else {last}")
         self.source = "\n".join(lines) + "\n"
         self.digest = hashlib.sha256((self.source + repr(sorted(
-            (k, repr(v)) for k, v in self.globals.items() if k[0] in "CP")) + torch.__version__).encode()).hexdigest()[:32]
+            (k, repr(v)) for k, v in self.globals.items() if k[0] in "CPO")) + torch.__version__).encode()).hexdigest()[:32]
         code = compile(self.source, f"<mergelang region {self.digest[:12]}>", "exec")
         exec(code, self.globals)
         self.function = self.globals["region"]
@@ -239,7 +243,7 @@ class Fuser:
         self.mode = mode
         self.elements = elements or {}  # region root → elements the plan pushes through it
         self.variants = variants or {}  # region root → how many compiles its tensors need (one per rank)
-        self.programs: dict[tuple[Step, ...], object] = {}  # region → compiled callable, or None
+        self.programs: dict[tuple, object] = {}  # (region, output dtype) → compiled callable, or None
         self.compile_seconds = 0.0
 
     @classmethod
@@ -266,19 +270,19 @@ class Fuser:
         saved = self.elements.get(root, 0) * program.work * SAVED_PER_ELEMENT_STEP_S
         return saved > cost
 
-    def program(self, steps: tuple[Step, ...]):
-        if steps in self.programs:
-            return self.programs[steps]
+    def program(self, steps: tuple[Step, ...], out_dtype: torch.dtype | None = None):
+        if (steps, out_dtype) in self.programs:
+            return self.programs[steps, out_dtype]
         compiled = None
         if self.mode != "never" and fusable(steps):
             try:
-                program = RegionProgram(steps)
+                program = RegionProgram(steps, out_dtype)
             except Exception as error:  # a parameter slot fed by a non-constant: stays eager
                 log.debug("region not fusable: %s", error)
                 program = None
             if program is not None and self.worth(program):
                 compiled = Compiled(program)
-        self.programs[steps] = compiled
+        self.programs[steps, out_dtype] = compiled
         return compiled
 
     def rows_of(self, evaluator, steps: tuple[Step, ...], r0: int, r1: int):
@@ -293,7 +297,8 @@ class Fuser:
             if len(evaluator.cache) == cached:
                 break
             steps = region(steps[-1].node, frozenset(evaluator.cache))
-        compiled = self.program(steps)
+        root = steps[-1].node is evaluator.tp.graph  # the output: convert to its dtype in the loop
+        compiled = self.program(steps, getattr(evaluator, "out_dtype", None) if root else None)
         if compiled is None:
             return None
         start = r0 * evaluator.row_size

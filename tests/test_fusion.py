@@ -38,12 +38,12 @@ def _data(shape, seed=0):
     return data
 
 
-def evaluate(graph: Node, shape, data, chunk: int, fuser=None, seed: int = 9) -> torch.Tensor:
+def evaluate(graph: Node, shape, data, chunk: int, fuser=None, seed: int = 9, out_dtype=None) -> torch.Tensor:
     """The whole tensor through the executor's chunk loop; loads read as stored when fused."""
     ev = TensorEvaluator(TensorPlan(NAME, graph, shape, "F32"), None, ExecOptions(seed=seed, chunk=chunk))
     read = lambda m, r0, r1: data[m][r0:r1].to(torch.float32)  # noqa: E731
     read.raw = lambda m, r0, r1: data[m][r0:r1]
-    ev.read, ev.fuser = read, fuser
+    ev.read, ev.fuser, ev.out_dtype = read, fuser, out_dtype
     return torch.cat([ev._as_tensor(ev.rows_of(graph, r0, r1), r1 - r0) for r0, r1 in ev.chunks()])
 
 
@@ -90,9 +90,11 @@ def test_every_op_compiled_gives_the_eager_bits_for_any_chunking():
         expected = evaluate(graph, shape, data, chunk)
         got = evaluate(graph, shape, data, chunk, fuser)
         assert same_bits(got, expected), chunk
+    got = evaluate(graph, shape, data, 300, fuser, out_dtype=torch.bfloat16)  # converted in the loop
+    assert got.dtype == torch.bfloat16 and same_bits(got.float(), expected.to(torch.bfloat16).float())
     programs = [p for p in fuser.programs.values() if p is not None]
     assert programs and not any(p.failed for p in programs)
-    root = next(p for p in programs if p.program.steps[-1].node == graph)
+    root = next(p for p in programs if p.program.steps[-1].node == graph and p.program.out_dtype is None)
     assert {s.node.op for s in root.program.steps if s.inputs} >= {"disjoint_merge", "dare", "keep_random",
                                                                    "keep_top", "keep_band", "top_mask"}
 
@@ -134,10 +136,10 @@ def test_generated_code_of_random_graphs_gives_the_eager_bits(graph, chunk):
     assert same_bits(evaluate(graph, SHAPE, data, chunk, fuser), expected), graph
 
 
-def _generated(steps):
+def _generated(steps, out_dtype=None):
     if not fuse.fusable(steps):
         return None
-    return _Plain(fuse.RegionProgram(steps))
+    return _Plain(fuse.RegionProgram(steps, out_dtype))
 
 
 def test_generated_code_of_every_op_gives_the_eager_bits():
@@ -161,13 +163,15 @@ def test_rng_twin_matches_rng_anywhere_in_a_block_of_2_to_the_32():
 
 
 def test_a_chunk_across_two_rng_blocks_is_evaluated_eagerly():
+    graph = with_random_key(Node("dare", [L("a"), const(0.5), const(0)]))
+
     class Ev:
         row_size = 1 << 20
         cache: dict = {}
-    graph = with_random_key(Node("dare", [L("a"), const(0.5), const(0)]))
+        tp = TensorPlan(NAME, graph, (1 << 13, 1 << 20), "F32")
     steps = region(graph)
     fuser = fuse.Fuser("always")
-    fuser.program = lambda s: _Plain(fuse.RegionProgram(s))
+    fuser.program = lambda s, out_dtype=None: _Plain(fuse.RegionProgram(s))
     assert fuser.rows_of(Ev(), steps, 4095, 4097) is None  # these rows hold elements 2^32 - 2^20 .. 2^32 + 2^20
 
 
