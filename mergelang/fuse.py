@@ -18,7 +18,9 @@ Whether compiling pays is decided per region (cost model in `Fuser.worth`): the 
 pushes through the region (summed over every output tensor whose graph has the same interned
 region) times the time saved per element, against a compile cost that is lower when this region's
 code was compiled before (inductor's FX graph cache keeps it on disk across processes; a marker
-file under the same cache directory records that).
+file under the same cache directory records that). `auto` compiles only on the CPU: GPU code
+(Triton) may contract multiplies and adds into FMAs, and is not verified here; `always` compiles
+there too.
 """
 
 from __future__ import annotations
@@ -161,14 +163,15 @@ class _Ref:
 
 
 class RegionProgram:
-    """A region as one generated function f(leaves, keys, start) → the root's chunk (float32)."""
+    """A region as one generated function f(leaves, keys, start) → the root's chunk (float32, or
+    out_dtype for an output's own region)."""
 
     def __init__(self, steps: tuple[Step, ...], out_dtype: torch.dtype | None = None):
         self.steps, self.out_dtype = steps, out_dtype
         self.leaves = [i for i, s in enumerate(steps) if not s.inputs and s.node.op != "const"]
         self.random = [i for i, s in enumerate(steps) if s.inputs and OPS[s.node.op].random]
         self.globals: dict = {"torch": torch, "OUT": out_dtype}
-        lines = [f"def region(L, R, start):"]
+        lines = ["def region(L, R, start):"]
         slot = {i: k for k, i in enumerate(self.leaves)}
         rslot = {i: k for k, i in enumerate(self.random)}
         for i, s in enumerate(steps):
@@ -287,8 +290,8 @@ class Fuser:
 
     def rows_of(self, evaluator, steps: tuple[Step, ...], r0: int, r1: int):
         """Rows [r0, r1) of the region's root, or None where this region stays eager."""
-        if self.mode == "never":
-            return None
+        if self.mode == "never" or (self.mode == "auto" and evaluator.device.type != "cpu"):
+            return None  # bit-identity is verified for inductor's C++ code; on GPUs only when asked
         while True:  # reductions first: keeping their inputs whole makes those leaves of the region
             cached = len(evaluator.cache)
             for s in steps:
