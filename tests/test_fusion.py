@@ -81,34 +81,47 @@ def every_op() -> Node:
     return Node("add", [Node("sum", [rest, Node("count", [a, b, c])]), Node("div", [a, ws])])
 
 
+class RootOnly(fuse.Fuser):
+    """Compiles only the region under `root` (the others, simple ones, run their generated code)."""
+
+    root: Node
+
+    def program(self, steps, out_dtype=None):
+        if steps[-1].node is not self.root:
+            return _generated(steps, out_dtype)
+        return super().program(steps, out_dtype)
+
+
 def test_every_op_compiled_gives_the_eager_bits_for_any_chunking():
     shape = (64, 33)
     data = _data(shape)
     graph = every_op()
-    fuser = fuse.Fuser("always")
+    fuser = RootOnly("always")
+    fuser.root = graph
     for chunk in (33 * 64, 300, 33 * 5):
         expected = evaluate(graph, shape, data, chunk)
         got = evaluate(graph, shape, data, chunk, fuser)
         assert same_bits(got, expected), chunk
-    got = evaluate(graph, shape, data, 300, fuser, out_dtype=torch.bfloat16)  # converted in the loop
-    assert got.dtype == torch.bfloat16 and same_bits(got.float(), expected.to(torch.bfloat16).float())
-    programs = [p for p in fuser.programs.values() if p is not None]
-    assert programs and not any(p.failed for p in programs)
-    root = next(p for p in programs if p.program.steps[-1].node == graph and p.program.out_dtype is None)
+    programs = [p for p in fuser.programs.values() if isinstance(p, fuse.Compiled)]
+    assert len(programs) == 1 and not programs[0].failed
+    root = programs[0]
     assert {s.node.op for s in root.program.steps if s.inputs} >= {"disjoint_merge", "dare", "keep_random",
                                                                    "keep_top", "keep_band", "top_mask"}
 
 
-@settings(max_examples=3, deadline=None)
-@given(expressions(), st.sampled_from([5, 12, 35]))
+@settings(max_examples=2, deadline=None)
+@given(expressions().filter(lambda n: n.op not in ("load", "const")), st.sampled_from([5, 12, 35]))
 def test_random_graphs_compiled_give_the_eager_bits(graph, chunk):
     data = _data(SHAPE, seed=1)
     try:
         expected = evaluate(graph, SHAPE, data, chunk)
     except ZeroDivisionError:
         return
-    got = evaluate(graph, SHAPE, data, chunk, fuse.Fuser("always"))
+    fuser = fuse.Fuser("always")
+    got = evaluate(graph, SHAPE, data, chunk, fuser)
     assert same_bits(got, expected), graph
+    compiled = [p for p in fuser.programs.values() if p is not None]
+    assert compiled and not any(p.failed for p in compiled)
 
 
 class _Plain:
