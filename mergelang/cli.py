@@ -141,6 +141,13 @@ def run(spec, out, seed, models, dtype, shard_size, device, threads, chunk, forc
         import torch
 
         torch.set_num_threads(threads)
+    if compile_ is None:
+        from .fuse import default_mode
+
+        try:
+            compile_ = default_mode()
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
     options = RunOptions(seed=seed, models=_parse_models(models), dtype=dtype, shard_size=shard_size,
                          device=device, force=force, compile=compile_)
     if chunk:

@@ -285,3 +285,17 @@ def test_marker_folder_is_inductors_cache_folder(tmp_path, monkeypatch):
     assert str(fuse._cache_dir()) == cache_dir()
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "c"))
     assert fuse._cache_dir() == tmp_path / "c" and str(fuse._cache_dir()) == cache_dir()
+
+
+def test_run_refuses_an_unknown_compile_mode_from_the_environment(family, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from mergelang.cli import main
+
+    spec = tmp_path / "spec.ml"
+    spec.write_text(f'output model("{family / "base"}")\n')
+    monkeypatch.setenv(fuse.ENV, "yes")
+    result = CliRunner().invoke(main, ["run", str(spec), "-o", str(tmp_path / "out"), "-q"])
+    assert result.exit_code == 2
+    assert "MERGELANG_COMPILE must be one of auto, always, never, got 'yes'" in result.output
+    assert not (tmp_path / "out").exists()
