@@ -130,16 +130,26 @@ def main():
               help="Elements per chunk (tuning and tests; the output does not depend on it).")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--compile", "compile_", type=click.Choice(["auto", "always", "never"]), default=None,
+              help="Compile elementwise regions with torch.compile: when it pays (auto, the default; "
+                   "or $MERGELANG_COMPILE), always, or never. The output does not depend on it.")
 @_user_errors
-def run(spec, out, seed, models, dtype, shard_size, device, threads, chunk, force, quiet, reporter):
+def run(spec, out, seed, models, dtype, shard_size, device, threads, chunk, force, quiet, compile_, reporter):
     """Merge: evaluate SPEC and write a Hugging Face checkpoint to OUTPUT."""
     _check_device(device)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
+    if compile_ is None:
+        from .fuse import default_mode
+
+        try:
+            compile_ = default_mode()
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
     options = RunOptions(seed=seed, models=_parse_models(models), dtype=dtype, shard_size=shard_size,
-                         device=device, force=force)
+                         device=device, force=force, compile=compile_)
     if chunk:
         options.chunk = chunk
     plan = check(spec, options, reporter)

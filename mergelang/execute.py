@@ -20,6 +20,7 @@ import torch
 from .check import Plan, TensorPlan
 from .io import DTYPES, ShardedWriter
 from .overlap import ReadAhead, WriteBehind
+from .fuse import Fuser, default_mode
 from .graph import Node, walk
 from .ops import OPS, KernelContext
 from .rng import derive_key
@@ -41,6 +42,7 @@ class ExecOptions:
     device: str = "cpu"
     chunk: int = DEFAULT_CHUNK
     reverse: bool = False  # evaluate the tensors last to first: tests check the bytes do not change
+    compile: str | None = None  # auto | always | never (fuse.py); None: $MERGELANG_COMPILE or auto
 
 
 def tensor_order(plan: Plan, options: ExecOptions) -> list[TensorPlan]:
@@ -49,6 +51,9 @@ def tensor_order(plan: Plan, options: ExecOptions) -> list[TensorPlan]:
 
 class TensorEvaluator:
     """Evaluates one planned tensor: chunks of rows, with its reductions and tensor ops cached."""
+
+    fuser: Fuser | None = None  # compiled regions (execute sets it)
+    out_dtype: torch.dtype | None = None  # compiled output regions may return chunks in this dtype
 
     def __init__(self, tp: TensorPlan, read: Reader, options: ExecOptions):
         self.tp, self.read, self.options = tp, read, options
@@ -76,6 +81,10 @@ class TensorEvaluator:
     def rows_of(self, node: Node, r0: int, r1: int):
         """Rows [r0, r1) of the value of node (computing it, or slicing a cached value)."""
         steps = region(node, frozenset(self.cache))
+        if self.fuser is not None:
+            fused = self.fuser.rows_of(self, steps, r0, r1)
+            if fused is not None:
+                return fused
         values: dict[int, object] = {}
         ctx = self.context(r0)
         for i, step in enumerate(steps):
@@ -213,6 +222,14 @@ def _reader(plan: Plan, tp: TensorPlan, evaluator: "TensorEvaluator", device: to
             raw = raw.pin_memory()
         return raw.to(device=device, non_blocking=pin).to(torch.float32).view((r1 - r0,) + rest)
 
+    def read_as_stored(model: str, r0: int, r1: int, tensor: str | None = None) -> torch.Tensor:
+        """The same rows in the checkpoint's dtype (compiled regions convert them in their loop)."""
+        raw = read_raw(model, tensor or tp.name, r0 * row, r1 * row)
+        if pin:
+            raw = raw.pin_memory()
+        return raw.to(device=device, non_blocking=pin).view((r1 - r0,) + rest)
+
+    read.raw = read_as_stored
     return read
 
 
@@ -257,12 +274,15 @@ def execute(plan: Plan, writer: ShardedWriter, options: ExecOptions,
     keep_freed_memory_mapped()
     device = torch.device(options.device)
     whole_model = model_statistics(plan, options)
+    fuser = Fuser.for_plan(plan, options.compile or default_mode())
     ahead = ReadAhead(_predicted_reads(plan, options), lambda m, t, a, b: plan.checkpoints[m].read(t, a, b))
     behind = WriteBehind(writer.write)
     try:
         for tp in tensor_order(plan, options):
             evaluator = TensorEvaluator(tp, None, options)
             evaluator.read = _reader(plan, tp, evaluator, device, ahead.read)
+            evaluator.fuser = fuser
+            evaluator.out_dtype = DTYPES[tp.dtype]
             evaluator.cache.update({n: v for n, v in whole_model.items()})
             out_dtype = DTYPES[tp.dtype]
             for start, values in evaluator.output_chunks():

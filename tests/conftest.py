@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from mergelang.demo import make_tiny_llama
+
+# Compiling regions takes seconds per region: the suite runs eagerly, tests/test_fusion.py compiles.
+os.environ.setdefault("MERGELANG_COMPILE", "never")
 
 
 def write_spec(folder: Path, text: str, name: str = "spec.ml") -> Path:
