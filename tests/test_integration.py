@@ -1,0 +1,154 @@
+"""The features together: `.bin` inputs, hub-cache ids, `lora(...)`, layer stacking, output options,
+the model card and `verify`, `stats` and `import`, in one spec at a time.
+
+Every output is compared with tensors assembled here by hand from the inputs (read with safetensors,
+torch.load and PEFT's own merge), or with transformers' logits of a model built from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from mergelang.cli import main
+from mergelang.demo import TINY_LLAMA, make_tiny_llama
+from oracle import assert_close_ulp, load_folder
+from test_hub_cache import add_snapshot
+from test_io_bin import to_bin
+from test_lora import make_adapter, peft_merged
+
+transformers = pytest.importorskip("transformers")
+
+LAYERS = 4
+CONFIG = {**TINY_LLAMA, "num_hidden_layers": LAYERS}
+HUB_COMMIT = hashlib.sha1(b"ft1").hexdigest()
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def run(world: Path, spec: str, out: str, *extra) -> Path:
+    (world / f"{out}.ml").write_text(spec)
+    result = invoke("run", world / f"{out}.ml", "-o", world / out, "-q", "--force", *extra)
+    assert result.exit_code == 0, result.output
+    return world / out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """base/ (safetensors), ft0bin/ (.bin), org/ft1 in a hub cache, adapter/ (PEFT LoRA over base),
+    big/ (136 rows of vocabulary instead of 128): float32 tiny Llamas of 4 layers."""
+    root = tmp_path_factory.mktemp("world")
+    f32 = torch.float32
+    make_tiny_llama(root / "base", seed=0, config=CONFIG, dtype=f32)
+    make_tiny_llama(root / "ft0", seed=1, base=root / "base", delta_std=0.01, dtype=f32)
+    to_bin(root / "ft0", root / "ft0bin")
+    make_tiny_llama(root / "ft1src", seed=2, base=root / "base", delta_std=0.01, dtype=f32)
+    add_snapshot(root / "hf", "org/ft1", HUB_COMMIT, root / "ft1src", refs=("main",))
+    make_adapter(root / "base", root / "adapter")
+    make_tiny_llama(root / "big", seed=3, config={**CONFIG, "vocab_size": 136}, dtype=f32)
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hub_cache(world):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_CACHE", str(world / "hf"))
+        yield world / "hf"
+
+
+@pytest.fixture(scope="module")
+def tensors(world) -> dict:
+    """Every input's tensors, read independently of mergelang; "lora" is PEFT's merge of base + adapter."""
+    merged = {k: v.detach().clone() for k, v in peft_merged(world / "base", world / "adapter").state_dict().items()}
+    return {"base": load_file(world / "base" / "model.safetensors"),
+            "bin": torch.load(world / "ft0bin" / "pytorch_model.bin", weights_only=True),
+            "hub": load_file(world / "ft1src" / "model.safetensors"),
+            "lora": merged,
+            "big": load_file(world / "big" / "model.safetensors")}
+
+
+def layer(name: str, k: int) -> str:
+    return f"model.layers.{k}.{name}"
+
+
+LAYER_TENSORS = ["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
+                 "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+                 "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+
+
+def stacked(parts: list[tuple[dict, int, int]]) -> dict[str, torch.Tensor]:
+    """A stack assembled by hand: embeddings from the first part's model, final norm and head from
+    the last's, output layer K from the layer of the part that holds it."""
+    out = {"model.embed_tokens.weight": parts[0][0]["model.embed_tokens.weight"],
+           "model.norm.weight": parts[-1][0]["model.norm.weight"],
+           "lm_head.weight": parts[-1][0]["lm_head.weight"]}
+    k = 0
+    for source, start, end in parts:
+        for i in range(start, end):
+            out.update({layer(n, k): source[layer(n, i)] for n in LAYER_TENSORS})
+            k += 1
+    return out
+
+
+def assert_equal_tensors(ours: dict, expected: dict, lora_names: set[str] = frozenset()) -> None:
+    """Equal bits, except tensors with a LoRA delta: within 2 ulp of PEFT's (the product's order)."""
+    assert sorted(ours) == sorted(expected)
+    exact = {n: ours[n] for n in ours if n not in lora_names}
+    assert all(torch.equal(exact[n], expected[n]) for n in exact), \
+        [n for n in exact if not torch.equal(exact[n], expected[n])]
+    assert_close_ulp({n: ours[n] for n in lora_names}, {n: expected[n] for n in lora_names}, max_ulp=2)
+
+
+def lora_changed(parts, tensors) -> set[str]:
+    """Names of the hand-made stack's tensors that carry a LoRA delta (they differ from the base's)."""
+    base = stacked([(tensors["base"], s, e) if src is tensors["lora"] else (src, s, e) for src, s, e in parts])
+    out = stacked(parts)
+    return {n for n in out if not torch.equal(out[n], base[n])}
+
+
+# ---- stacked outputs from a .bin model, a hub id and base + lora --------------------------------
+
+STACK_SPEC = """\
+base = model("base")
+binm = model("ft0bin")
+hub = model("org/ft1")
+ad = lora("adapter", base=base)
+output stack(layer_range(base + ad, 0, 2), layer_range(binm, 1, 3), layer_range(hub, 2, 4))
+"""
+
+
+@pytest.fixture(scope="module")
+def stack_out(world) -> Path:
+    return run(world, STACK_SPEC, "stacked")
+
+
+def test_stack_of_lora_bin_and_hub_parts(world, tensors, stack_out):
+    parts = [(tensors["lora"], 0, 2), (tensors["bin"], 1, 3), (tensors["hub"], 2, 4)]
+    expected = stacked(parts)
+    changed = lora_changed(parts, tensors)
+    # the adapter targets q_proj, v_proj, down_proj and the embeddings: all in the first part
+    assert changed == {"model.embed_tokens.weight"} | {layer(n, k) for k in (0, 1) for n in
+                                                       ("self_attn.q_proj.weight", "self_attn.v_proj.weight",
+                                                        "mlp.down_proj.weight")}
+    assert_equal_tensors(load_folder(stack_out), expected, changed)
+    config = json.loads((stack_out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6 and config["vocab_size"] == 128
+
+
+def test_lora_part_last_and_inside_a_range(world, tensors):
+    """`layer_range` over a LoRA delta (a delta is a value like any other) and the LoRA part last, so
+    that the head and final norm come from base + ad."""
+    spec = ('base = model("base")\nbinm = model("ft0bin")\nad = lora("adapter", base=base)\n'
+            "output stack(layer_range(binm, 0, 3), layer_range(base, 1, 4) + layer_range(ad, 1, 4))\n")
+    out = load_folder(run(world, spec, "lora_last"))
+    parts = [(tensors["bin"], 0, 3), (tensors["lora"], 1, 4)]
+    assert_equal_tensors(out, stacked(parts), lora_changed(parts, tensors))
