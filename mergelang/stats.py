@@ -377,17 +377,18 @@ def _drop_probability(node) -> float | None:
     return None
 
 
-def _sample(ft: Checkpoint, base: Checkpoint, names: list[str]) -> tuple[torch.Tensor, int]:
+def _sample(ft: Checkpoint, base: Checkpoint, names: list[tuple[str, str]]) -> tuple[torch.Tensor, int]:
     """|δ| at a fixed set of places, and how many tensors they lie in: of each tensor kind, the
     tensors of the first, middle and last layer; of each, the first and middle row (at most its
-    first SAMPLE_ROW_ELEMENTS entries)."""
-    by_kind: dict[str, list[str]] = defaultdict(list)
-    for name in names:
-        by_kind[tensor_kind(name)].append(name)
+    first SAMPLE_ROW_ELEMENTS entries). `names` are (ft tensor, base tensor) pairs: they differ
+    where a stacked output reads other layers."""
+    by_kind: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for pair in names:
+        by_kind[tensor_kind(pair[0])].append(pair)
     parts, tensors = [], 0
     for group in by_kind.values():
-        for name in dict.fromkeys([group[0], group[len(group) // 2], group[-1]]):
-            a, b = ft.tensors[name], base.tensors[name]
+        for name, base_name in dict.fromkeys([group[0], group[len(group) // 2], group[-1]]):
+            a, b = ft.tensors[name], base.tensors[base_name]
             if len(a.shape) < 2:  # a vector is sampled as one row
                 rows, row_size = 1, math.prod(a.shape)
             else:
@@ -396,7 +397,7 @@ def _sample(ft: Checkpoint, base: Checkpoint, names: list[str]) -> tuple[torch.T
             for r in sorted({0, rows // 2}):
                 start, stop = r * row_size, r * row_size + min(row_size, SAMPLE_ROW_ELEMENTS)
                 parts.append((ft.read(name, start, stop).to(torch.float32)
-                              - base.read(name, start, stop).to(torch.float32)).abs())
+                              - base.read(base_name, start, stop).to(torch.float32)).abs())
     return (torch.cat(parts) if parts else torch.zeros(0)), tensors
 
 
@@ -419,11 +420,12 @@ def dare_warnings(plan, reporter: Reporter) -> None:
             span = plan.lowered.spans.first(node)
             entry = found.setdefault((span, node.op, a.attr("model"), b.attr("model")), {"p": p, "names": []})
             entry["p"] = max(entry["p"], p)
-            entry["names"].append(tp.name)
+            # In a stacked output a load reads another layer than the output tensor's (its `tensor`).
+            entry["names"].append((a.attr("tensor") or tp.name, b.attr("tensor") or tp.name))
     samples: dict[tuple, tuple[torch.Tensor, int]] = {}
     for (span, op, ft_key, base_key), entry in found.items():
         ft, base = plan.checkpoints[ft_key], plan.checkpoints[base_key]
-        names = [n for n in dict.fromkeys(entry["names"]) if ft.tensors[n].shape[1:] == base.tensors[n].shape[1:]]
+        names = [(f, b) for f, b in dict.fromkeys(entry["names"]) if ft.tensors[f].shape[1:] == base.tensors[b].shape[1:]]
         key = (ft_key, base_key, tuple(names))
         if key not in samples:
             samples[key] = _sample(ft, base, names)
