@@ -152,3 +152,99 @@ def test_lora_part_last_and_inside_a_range(world, tensors):
     out = load_folder(run(world, spec, "lora_last"))
     parts = [(tensors["bin"], 0, 3), (tensors["lora"], 1, 4)]
     assert_equal_tensors(out, stacked(parts), lora_changed(parts, tensors))
+
+
+# ---- tokenizer= and config= with a stacked output -------------------------------------------------
+
+OPTIONS_SPEC = """\
+base = model("base")
+binm = model("ft0bin")
+hub = model("org/ft1")
+big = model("big")
+ad = lora("adapter", base=base)
+output stack(layer_range(binm, 0, 3), layer_range(base + ad, 1, 4)), tokenizer=big, config=hub
+"""
+
+
+def test_stack_with_tokenizer_and_config_loads_in_transformers(world, tensors):
+    out = run(world, OPTIONS_SPEC, "options")
+    parts = [(tensors["bin"], 0, 3), (tensors["lora"], 1, 4)]
+    expected = stacked(parts)
+    # big's vocabulary: 128 rows merged as the formula says, then big's 8 rows beyond them
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        expected[name] = torch.cat([expected[name], tensors["big"][name][128:]])
+    ours = load_folder(out)
+    assert_equal_tensors(ours, expected, lora_changed(parts, tensors))
+    config = json.loads((out / "config.json").read_text())
+    hub_config = json.loads((world / "ft1src" / "config.json").read_text())
+    assert config == {**hub_config, "num_hidden_layers": 6, "vocab_size": 136}
+    assert config["num_hidden_layers"] == 1 + max(int(n.split(".")[2]) for n in ours if n.startswith("model.layers."))
+    assert config["vocab_size"] == ours["model.embed_tokens.weight"].shape[0] == ours["lm_head.weight"].shape[0]
+
+    ids = torch.tensor([[1, 5, 9, 33, 127, 130, 135]])  # ids beyond 127 exist only in big's vocabulary
+    by_hand = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**CONFIG, "num_hidden_layers": 6,
+                                                                          "vocab_size": 136}))
+    by_hand.load_state_dict(expected)
+    with torch.no_grad():
+        got = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits
+        want = by_hand.to(torch.float32)(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---- stats and the DARE warning ---------------------------------------------------------------------
+
+
+def stats_json(ft: Path, base: Path) -> dict:
+    result = invoke("stats", ft, base, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_stats_of_a_bin_model_equal_those_of_its_safetensors(world, tensors):
+    from_bin = stats_json(world / "ft0bin", world / "base")
+    from_st = stats_json(world / "ft0", world / "base")
+    assert json.dumps(from_bin, sort_keys=True).replace("ft0bin", "ft0") == json.dumps(from_st, sort_keys=True)
+    deltas = [(tensors["bin"][n] - tensors["base"][n]).abs().flatten() for n in tensors["base"]]
+    assert from_bin["overall"]["max_abs"] == pytest.approx(float(torch.cat(deltas).max()), rel=0, abs=0)
+
+
+def check_output(world: Path, spec: str, name: str):
+    (world / f"{name}.ml").write_text(spec)
+    result = invoke("check", world / f"{name}.ml")
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def far(world) -> Path:
+    """A fine-tune of base whose deltas are large (N(0, 0.08))."""
+    make_tiny_llama(world / "far", seed=4, base=world / "base", delta_std=0.08, dtype=torch.float32)
+    return world / "far"
+
+
+def test_dare_warning_skips_lora_deltas_but_not_plain_large_deltas(world, tensors, far):
+    # The adapter's own delta is large: as a model on disk, its dare would be warned about.
+    lora_delta = torch.cat([(tensors["lora"][n] - tensors["base"][n]).abs().flatten() for n in tensors["base"]])
+    nonzero = lora_delta[lora_delta > 0]
+    assert float(torch.quantile(nonzero.double(), 0.99)) >= 0.03
+    spec = 'base = model("base")\nad = lora("adapter", base=base)\noutput base + dare(ad, p=0.9)\n'
+    assert "E030" not in check_output(world, spec, "dare_lora")  # skipped, as docs/stats.md says
+    spec = 'base = model("base")\nfar = model("far")\noutput base + dare(far - base, p=0.9)\n'
+    found = check_output(world, spec, "dare_far")
+    assert "warning[E030]: `dare` with p = 0.9 on `far - base`" in found
+
+
+@pytest.mark.parametrize("base_range, warned", [("2, 4", False), ("0, 2", True)])
+def test_dare_warning_samples_the_layers_a_stack_reads(world, base_range, warned):
+    """ft0's deltas are small (N(0, 0.01)); layer 2 of ft0 minus layer 0 of base is not."""
+    spec = ('base = model("base")\nft0 = model("ft0bin")\n'
+            "output stack(layer_range(base, 0, 2),\n"
+            f"             layer_range(base, 2, 4) + dare(layer_range(ft0, 2, 4) - layer_range(base, {base_range}), p=0.9))\n")
+    assert ("warning[E030]" in check_output(world, spec, "dare_stacked")) == warned
+
+
+def test_dare_warning_in_a_later_stack_part(world, far):
+    """The output's layers 4..7 do not exist in the inputs: the sample reads layers 0..3."""
+    spec = ('base = model("base")\nfar = model("far")\n'
+            "output stack(layer_range(base, 0, 4), layer_range(base + dare(far - base, p=0.9), 0, 4))\n")
+    assert "warning[E030]: `dare` with p = 0.9 on `far - base`" in check_output(world, spec, "dare_late")
