@@ -248,3 +248,98 @@ def test_dare_warning_in_a_later_stack_part(world, far):
     spec = ('base = model("base")\nfar = model("far")\n'
             "output stack(layer_range(base, 0, 4), layer_range(base + dare(far - base, p=0.9), 0, 4))\n")
     assert "warning[E030]: `dare` with p = 0.9 on `far - base`" in check_output(world, spec, "dare_late")
+
+
+# ---- the model card and verify ----------------------------------------------------------------------
+
+VERIFIED = {
+    "stacked": STACK_SPEC,
+    "lora": 'base = model("base")\nad = lora("adapter", base=base)\noutput base + ad\n',
+    "bin": 'base = model("base")\nbinm = model("ft0bin")\noutput base + dare(binm - base, p=0.5)\n',
+    "hub": 'base = model("base")\nhub = model("org/ft1")\noutput slerp(base, hub, t=layers(0.2, 0.8))\n',
+    "options": OPTIONS_SPEC.replace("config=hub", 'config=hub, dtype="bf16", chat_template="{{ messages }}"'),
+}
+
+
+def verify(folder: Path, *extra):
+    return invoke("verify", folder, "-q", *extra)
+
+
+@pytest.mark.parametrize("name", VERIFIED)
+def test_verify_is_identical(world, name):
+    out = run(world, VERIFIED[name], f"verify_{name}", "--seed", "5")
+    result = verify(out)
+    assert result.exit_code == 0 and result.output.endswith("identical\n"), result.output
+
+
+def flip_byte(path: Path, offset: int = -100) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def own(world, tmp_path) -> Path:
+    """Copies of base, the .bin model and the adapter, to change after a merge."""
+    for name in ("base", "ft0bin", "adapter"):
+        shutil.copytree(world / name, tmp_path / name)
+    return tmp_path
+
+
+def test_verify_names_a_changed_bin_file(own):
+    out = run(own, VERIFIED["bin"], "merged", "--seed", "5")
+    assert verify(out).exit_code == 0
+    flip_byte(own / "ft0bin" / "pytorch_model.bin")
+    result = verify(out)
+    assert result.exit_code == 1
+    assert "model `binm`: file pytorch_model.bin changed since the merge: its sha256 was" in result.output
+
+
+@pytest.mark.parametrize("change", ["weights", "config"])
+def test_verify_names_a_changed_adapter(own, change):
+    out = run(own, VERIFIED["lora"], "merged")
+    assert verify(out).exit_code == 0
+    if change == "weights":
+        flip_byte(own / "adapter" / "adapter_model.safetensors")
+        file = "adapter_model.safetensors"
+    else:
+        config = json.loads((own / "adapter" / "adapter_config.json").read_text())
+        (own / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 16}))
+        file = "adapter_config.json"
+    result = verify(out)
+    assert result.exit_code == 1
+    assert f"model `ad`: file {file} changed since the merge" in result.output
+
+
+# ---- mergelang import → run → verify ----------------------------------------------------------------
+
+EXAMPLES = Path(__file__).parent / "data" / "mergekit_examples"
+
+
+def test_imported_frankenmerge_from_hub_ids(world, tmp_path):
+    """orcamini-platy-44layer.yml, translated, run on 40-layer tiny models cached under its hub ids."""
+    deep = {**TINY_LLAMA, "num_hidden_layers": 40}
+    make_tiny_llama(tmp_path / "orca", seed=5, config=deep)
+    make_tiny_llama(tmp_path / "platy", seed=6, base=tmp_path / "orca", delta_std=0.02)
+    cache = tmp_path / "hf"
+    add_snapshot(cache, "psmathur/orca_mini_v3_13b", HUB_COMMIT, tmp_path / "orca", refs=("main",))
+    add_snapshot(cache, "garage-bAInd/Platypus2-13B", HUB_COMMIT, tmp_path / "platy", refs=("main",))
+    result = invoke("import", EXAMPLES / "orcamini-platy-44layer.yml", "-o", tmp_path / "spec.ml")
+    assert result.exit_code == 0, result.output
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_CACHE", str(cache))
+        result = invoke("run", tmp_path / "spec.ml", "-o", tmp_path / "out", "-q")
+        assert result.exit_code == 0, result.output
+        result = verify(tmp_path / "out")
+        assert result.exit_code == 0 and result.output.endswith("identical\n"), result.output
+
+    orca, platy = load_folder(tmp_path / "orca"), load_folder(tmp_path / "platy")
+    expected = {"model.embed_tokens.weight": orca["model.embed_tokens.weight"],
+                "model.norm.weight": platy["model.norm.weight"], "lm_head.weight": platy["lm_head.weight"]}
+    for k in range(44):
+        source, i = (orca, k) if k < 24 else (platy, k - 24 + 20)
+        expected.update({layer(n, k): source[layer(n, i)] for n in LAYER_TENSORS})
+    expected = {n: t.to(torch.float16) for n, t in expected.items()}  # the config's `dtype: float16`
+    assert_equal_tensors(load_folder(tmp_path / "out"), expected)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 44 and config["torch_dtype"] == "float16"
