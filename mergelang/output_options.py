@@ -59,6 +59,13 @@ def lower_options(lowerer, options: tuple[ast.Keyword, ...], scope) -> OutputOpt
                               k.value.span, label="not a model",
                               help=f'write `{k.name}=NAME` where `NAME = model("...")`')
                 continue
+            model = lowerer.inputs.get(value.attr("model"))
+            if model is not None and model.kind == "lora":  # an adapter folder has no config or tokenizer
+                lowerer.error(TYPE, f"`{k.name}=` must name a model, found the LoRA adapter `{model.key}`",
+                              k.value.span, label="a LoRA adapter",
+                              help=f"the adapter's config and tokenizer are its base's: write "
+                                   f"`{k.name}={model.base_key}`")
+                continue
             values[k.name] = value.attr("model")
         elif not isinstance(value, str):
             what = "a Jinja template or the path of a .jinja file" if k.name == "chat_template" else \

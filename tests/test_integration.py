@@ -428,3 +428,54 @@ def test_explain_and_check_with_every_feature(world):
     # 3 + 3 layers of 9 tensors, the embeddings, the final norm and the head
     assert result.output.strip().endswith("ok: 57 output tensors, 0.1 MB; inputs: base (39 tensors), "
                                           "binm (39 tensors), hub (39 tensors), ad (39 tensors)")
+
+
+# ---- errors across features ---------------------------------------------------------------------
+
+
+def check_fails(world: Path, spec: str, *extra) -> str:
+    (world / "bad.ml").write_text(spec)
+    result = invoke("check", world / "bad.ml", *extra)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    return result.output
+
+
+@pytest.mark.parametrize("base", ["stack(layer_range(base, 0, 2), layer_range(binm, 2, 4))",
+                                  "layer_range(base, 0, 2)", "base + binm"])
+def test_lora_base_must_be_a_model(world, base):
+    """docs/lora.md: `base=` must be a model (a name bound to `model(...)`)."""
+    spec = f'base = model("base")\nbinm = model("ft0bin")\nad = lora("adapter", base={base})\noutput base + ad\n'
+    found = check_fails(world, spec)
+    assert "error[E005]: `base` of `lora` must be a model, found a tensor" in found
+    assert f"bad.ml:3:27\n  |\n3 | ad = lora(\"adapter\", base={base})\n  |                           {'^' * len(base)}" in found
+
+
+@pytest.mark.parametrize("option", ["config", "tokenizer"])
+def test_output_options_refuse_an_adapter(world, option):
+    """A LoRA adapter folder has no config.json or tokenizer: `config=ad` used to write no config."""
+    spec = f'base = model("base")\nad = lora("adapter", base=base)\noutput base + ad, {option}=ad\n'
+    found = check_fails(world, spec)
+    assert f"error[E005]: `{option}=` must name a model, found the LoRA adapter `ad`" in found
+    assert f"help: the adapter's config and tokenizer are its base's: write `{option}=base`" in found
+
+
+def test_model_option_rebinds_a_hub_id_to_a_folder(world, tmp_path):
+    """--model hub=FOLDER (or by the id as written) reads the folder; the output is the hub run's."""
+    spec = VERIFIED["hub"]
+    by_hub = run(world, spec, "rebind_hub")
+    copy = Path(shutil.copytree(world / "ft1src", tmp_path / "ft1copy"))
+    for name in ("hub", "org/ft1"):
+        out = run(world, spec, "rebind_folder", "--model", f"{name}={copy}")
+        assert digests(out)["model.safetensors"] == digests(by_hub)["model.safetensors"]
+        record = (out / "README.md").read_text()
+        assert f'"resolved": "{copy}"' in record
+        result = verify(out)
+        assert result.exit_code == 0 and result.output.endswith("identical\n"), result.output
+    # the folder changes: verify names the rebound input
+    flip_byte(copy / "model.safetensors")
+    result = verify(out)
+    assert result.exit_code == 1 and "model `hub`: file model.safetensors changed since the merge" in result.output
+    found = check_fails(world, spec, "--model", f"hub={tmp_path / 'nowhere'}")
+    assert "error[E007]: model `hub`: checkpoint folder not found" in found
+    assert f"note: looked in {tmp_path / 'nowhere'}" in found
