@@ -41,6 +41,8 @@ from .diagnostics import (
     CORRUPT, DARE_LARGE_DELTA, DTYPE, INPUT, MISSING_TENSOR, SHAPE, Diagnostic, MergelangError, Reporter,
 )
 from .io import Checkpoint, CheckpointError
+from .io.hub import HubError, locate
+from .io.lora import CONFIG as ADAPTER_CONFIG
 from .ops.select import LOW_BITS, magnitude_bits
 from .specialize import _LAYER, layer_index
 
@@ -251,11 +253,22 @@ def verdict(p99: float) -> str:
 
 
 def _open(path: Path, role: str) -> Checkpoint:
+    """A checkpoint folder, or a hub id `owner/name` in the local Hugging Face cache (as in a spec)."""
     try:
-        return Checkpoint.open(Path(path))
+        path = locate(str(path), Path(path).expanduser())
+    except HubError as e:
+        raise MergelangError(Diagnostic(INPUT, f"the {role} model: {e.message}", notes=e.notes,
+                                        help=e.help or "FT and BASE are checkpoint folders or hub ids")) from None
+    if (path / ADAPTER_CONFIG).is_file():
+        raise MergelangError(Diagnostic(INPUT, f"the {role} model: {path} is a LoRA adapter, not a checkpoint",
+                                        help="merge it onto its base first (`output base + lora(\"ADAPTER\", "
+                                             "base=base)`) and compare the result with the base"))
+    try:
+        return Checkpoint.open(path)
     except CheckpointError as e:
-        code = INPUT if not Path(path).exists() else CORRUPT
-        raise MergelangError(Diagnostic(code, f"the {role} model: {e}", help="FT and BASE are checkpoint folders")) from None
+        code = INPUT if not path.exists() else CORRUPT
+        raise MergelangError(Diagnostic(code, f"the {role} model: {e}",
+                                        help="FT and BASE are checkpoint folders or hub ids")) from None
 
 
 def _rows(shape: tuple[int, ...]) -> tuple[int, int]:

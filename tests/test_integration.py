@@ -479,3 +479,17 @@ def test_model_option_rebinds_a_hub_id_to_a_folder(world, tmp_path):
     found = check_fails(world, spec, "--model", f"hub={tmp_path / 'nowhere'}")
     assert "error[E007]: model `hub`: checkpoint folder not found" in found
     assert f"note: looked in {tmp_path / 'nowhere'}" in found
+
+
+def test_stats_of_a_hub_id_equal_those_of_its_folder(world, hub_cache):
+    by_id = stats_json("org/ft1", world / "base")
+    by_folder = stats_json(world / "ft1src", world / "base")
+    assert by_id.pop("ft") == str(hub_cache / "models--org--ft1" / "snapshots" / HUB_COMMIT)
+    by_folder.pop("ft")
+    assert by_id == by_folder
+
+
+def test_stats_refuses_an_adapter(world):
+    result = invoke("stats", world / "adapter", world / "base")
+    assert result.exit_code == 1
+    assert f"error[E007]: the fine-tuned model: {world / 'adapter'} is a LoRA adapter, not a checkpoint" in result.output
