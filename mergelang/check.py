@@ -272,7 +272,7 @@ def _stacking(plan: Plan, reporter: Reporter):
         span = (spans.arg(e.node, e.arg)[0] if e.arg is not None else None) or spans.first(e.node)
         reporter.error(e.code, e.message, span, help=e.help)
         return False
-    plan.config_updates.update(stacking.config_updates(stacked, plan.checkpoints, plan.reference))
+    plan.config_updates.update(stacking.config_updates(stacked, plan.checkpoints, plan.config_source))
     return stacked
 
 

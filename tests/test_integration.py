@@ -493,3 +493,17 @@ def test_stats_refuses_an_adapter(world):
     result = invoke("stats", world / "adapter", world / "base")
     assert result.exit_code == 1
     assert f"error[E007]: the fine-tuned model: {world / 'adapter'} is a LoRA adapter, not a checkpoint" in result.output
+
+
+def test_config_from_another_model_gets_the_stack_layer_types(world, tmp_path):
+    """With config=typed, the written config is typed's: its layer_types must be rebuilt for 6 layers
+    (it was left at typed's 4 when only the reference's config was looked at)."""
+    typed = Path(shutil.copytree(world / "base", tmp_path / "typed"))
+    config = json.loads((typed / "config.json").read_text())
+    config["layer_types"] = ["full_attention", "sliding_attention"] * 2
+    (typed / "config.json").write_text(json.dumps(config))
+    spec = (f'base = model("base")\nbinm = model("ft0bin")\ntyped = model("{typed}")\n'
+            "output stack(layer_range(base, 0, 3), layer_range(binm, 1, 4)), config=typed\n")
+    out = json.loads((run(world, spec, "typed_out") / "config.json").read_text())
+    # base and binm have no layer_types of their own: each layer takes the written config's first entry
+    assert out == {**config, "num_hidden_layers": 6, "layer_types": ["full_attention"] * 6}
