@@ -30,6 +30,7 @@ class OutputOptions:
     tokenizer: str | None = None  # model key whose tokenizer files (and vocabulary) the output carries
     config: str | None = None  # model key whose config.json / generation_config.json the output carries
     chat_template: str | None = None  # the template text
+    chat_template_file: Path | None = None  # the .jinja file it was read from, if any (an input of the run)
     dtype: str | None = None  # safetensors dtype code, e.g. "BF16"
     spans: tuple[tuple[str, ast.Span], ...] = ()  # option name → where it was written
 
@@ -84,12 +85,18 @@ def lower_options(lowerer, options: tuple[ast.Keyword, ...], scope) -> OutputOpt
             template = _template(lowerer, value, k.value.span)
             if template is not None:
                 values["chat_template"] = template
+                if _is_template_file(value):
+                    values["chat_template_file"] = Path(lowerer.folder) / value
     return OutputOptions(spans=tuple(spans), **values)
+
+
+def _is_template_file(value: str) -> bool:
+    return not ("\n" in value or "{" in value or not value.endswith(".jinja"))
 
 
 def _template(lowerer, value: str, span: ast.Span) -> str | None:
     """An inline template, or the text of a `.jinja` file relative to the spec's folder."""
-    if "\n" in value or "{" in value or not value.endswith(".jinja"):
+    if not _is_template_file(value):
         return value
     path = (Path(lowerer.folder) / value)
     try:

@@ -7,6 +7,7 @@ decides the output bytes goes in (no time, host or output path), so equal runs g
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from . import __version__
@@ -67,10 +68,16 @@ def start_record(plan: Plan, seed: int, dtype: str | None, shard_size: int,
         folder = Path(getattr(ckpt, "path", model.folder))
         files[key] = (folder, input_files(folder, list(getattr(ckpt, "files", []))))
         inputs.append({"key": key, "path": model.path_text, "resolved": str(folder.resolve()), "files": []})
+    spec = {"name": Path(source.name).name, "folder": str(source.folder), "text": source.text}
+    template = plan.lowered.options.chat_template_file
+    if template is not None:  # read at lowering: an input of the run, like the models' files
+        data = Path(template).read_bytes()
+        spec["files"] = [{"name": _name(Path(template), Path(source.folder)), "size": len(data),
+                          "sha256": hashlib.sha256(data).hexdigest()}]
     record = {
         "format": FORMAT,
         "mergelang": __version__,
-        "spec": {"name": Path(source.name).name, "folder": str(source.folder), "text": source.text},
+        "spec": spec,
         "inputs": inputs,
         "seed": seed,
         "options": {

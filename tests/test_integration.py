@@ -507,3 +507,19 @@ def test_config_from_another_model_gets_the_stack_layer_types(world, tmp_path):
     out = json.loads((run(world, spec, "typed_out") / "config.json").read_text())
     # base and binm have no layer_types of their own: each layer takes the written config's first entry
     assert out == {**config, "num_hidden_layers": 6, "layer_types": ["full_attention"] * 6}
+
+
+def test_verify_names_a_changed_chat_template_file(own):
+    """A `chat_template=` file is an input of the run: its change is reported as one, by name."""
+    (own / "templates").mkdir()
+    (own / "templates" / "chat.jinja").write_text("{{ messages }}")
+    spec = 'base = model("base")\nbinm = model("ft0bin")\noutput base + binm, chat_template="templates/chat.jinja"\n'
+    out = run(own, spec, "merged")
+    assert (out / "chat_template.jinja").read_text() == "{{ messages }}"
+    assert verify(out).exit_code == 0
+    (own / "templates" / "chat.jinja").write_text("{{ other }}")
+    result = verify(out)
+    assert result.exit_code == 1
+    old, new = (hashlib.sha256(t.encode()).hexdigest() for t in ("{{ messages }}", "{{ other }}"))
+    assert (f"error[E034]: the spec's file templates/chat.jinja changed since the merge: its sha256 was {old}, "
+            f"it is {new}") in result.output
