@@ -15,6 +15,7 @@ from .check import Plan, parse_dtype
 from .io.card import CARD_FILE, FORMAT, write_card
 from .io.checkpoint import INDEX_FILE
 from .io.hashing import BackgroundHasher
+from .io.hub import looks_like_hub_id
 from .io.hf_files import MODEL_FILES
 
 # Besides weights: the index of .bin shards and a LoRA adapter's config (its rank and scale).
@@ -54,6 +55,12 @@ class PendingRecord:
         self.hasher.cancel()
 
 
+def _rebinding(given) -> str:
+    """A `--model NAME=PATH` as recorded: the absolute folder, or a hub id as written (not a path)."""
+    path = Path(given).expanduser().resolve()
+    return str(path) if path.exists() or not looks_like_hub_id(str(given)) else str(given)
+
+
 def spec_source(plan: Plan):
     return plan.lowered.sources[plan.lowered.output_span.file]
 
@@ -83,7 +90,7 @@ def start_record(plan: Plan, seed: int, dtype: str | None, shard_size: int,
         "options": {
             "dtype": parse_dtype(dtype),
             "shard_size": shard_size,
-            "models": {name: str(Path(p).expanduser().resolve()) for name, p in sorted(models.items())},
+            "models": {name: _rebinding(p) for name, p in sorted(models.items())},
         },
     }
     hasher = BackgroundHasher([p for _, paths in files.values() for p in paths]).start()

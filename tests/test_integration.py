@@ -523,3 +523,18 @@ def test_verify_names_a_changed_chat_template_file(own):
     old, new = (hashlib.sha256(t.encode()).hexdigest() for t in ("{{ messages }}", "{{ other }}"))
     assert (f"error[E034]: the spec's file templates/chat.jinja changed since the merge: its sha256 was {old}, "
             f"it is {new}") in result.output
+
+
+def test_model_option_rebinds_a_folder_to_a_hub_id(world, hub_cache):
+    """--model hub=org/ft1: the record keeps the id as given (not a path under the working folder)."""
+    spec = 'base = model("base")\nhub = model("ft1src")\noutput slerp(base, hub, t=layers(0.2, 0.8))\n'
+    by_folder = run(world, spec, "rebind_src")
+    out = run(world, spec, "rebind_id", "--model", "hub=org/ft1")
+    assert digests(out)["model.safetensors"] == digests(by_folder)["model.safetensors"]
+    from mergelang.io.card import read_record
+
+    record = read_record(out)
+    assert record["options"]["models"] == {"hub": "org/ft1"}
+    assert record["inputs"][1]["resolved"] == str(hub_cache / "models--org--ft1" / "snapshots" / HUB_COMMIT)
+    result = verify(out)
+    assert result.exit_code == 0 and result.output.endswith("identical\n"), result.output
