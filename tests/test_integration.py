@@ -538,3 +538,20 @@ def test_model_option_rebinds_a_folder_to_a_hub_id(world, hub_cache):
     assert record["inputs"][1]["resolved"] == str(hub_cache / "models--org--ft1" / "snapshots" / HUB_COMMIT)
     result = verify(out)
     assert result.exit_code == 0 and result.output.endswith("identical\n"), result.output
+
+
+def test_imported_lora_and_hub_id_run_and_verify(world, tensors, tmp_path):
+    """mergekit's `model: base+adapter` syntax becomes `base + lora(...)`; org/ft1 comes from the cache."""
+    (world / "lora_linear.yml").write_text(
+        "models:\n  - model: base+adapter\n    parameters:\n      weight: 0.5\n"
+        "  - model: org/ft1\n    parameters:\n      weight: 0.5\nmerge_method: linear\ndtype: float32\n")
+    result = invoke("import", world / "lora_linear.yml", "-o", world / "lora_linear.ml", "--force")
+    assert result.exit_code == 0, result.output
+    assert 'base_adapter = base + lora("adapter", base=base)' in (world / "lora_linear.ml").read_text()
+    result = invoke("run", world / "lora_linear.ml", "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    result = verify(tmp_path / "out")
+    assert result.exit_code == 0 and result.output.endswith("identical\n"), result.output
+    ours = load_folder(tmp_path / "out")
+    expected = {n: (0.5 * tensors["lora"][n] + 0.5 * tensors["hub"][n]) / 1.0 for n in tensors["base"]}
+    assert_close_ulp(ours, expected, max_ulp=2)
