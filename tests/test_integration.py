@@ -555,3 +555,16 @@ def test_imported_lora_and_hub_id_run_and_verify(world, tensors, tmp_path):
     ours = load_folder(tmp_path / "out")
     expected = {n: (0.5 * tensors["lora"][n] + 0.5 * tensors["hub"][n]) / 1.0 for n in tensors["base"]}
     assert_close_ulp(ours, expected, max_ulp=2)
+
+
+def test_tied_bin_model_stands_in_its_embeddings_for_the_head(world, tensors, tmp_path):
+    """A tied `.bin` model has no lm_head.weight: with an untied model first, its input embeddings
+    are read in its place (the .bin reader looked the alias up by the head's name and failed)."""
+    make_tiny_llama(tmp_path / "tied", seed=7, config={**CONFIG, "tie_word_embeddings": True}, dtype=torch.float32)
+    to_bin(tmp_path / "tied", world / "tiedbin")
+    tied = torch.load(world / "tiedbin" / "pytorch_model.bin", weights_only=True)
+    assert "lm_head.weight" not in tied
+    ours = load_folder(run(world, 'base = model("base")\ntied = model("tiedbin")\noutput avg(base, tied)\n', "tied_out"))
+    expected = {n: (tensors["base"][n] + tied[n]) / 2 for n in tied}
+    expected["lm_head.weight"] = (tensors["base"]["lm_head.weight"] + tied["model.embed_tokens.weight"]) / 2
+    assert_equal_tensors(ours, expected)
