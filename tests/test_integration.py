@@ -568,3 +568,18 @@ def test_tied_bin_model_stands_in_its_embeddings_for_the_head(world, tensors, tm
     expected = {n: (tensors["base"][n] + tied[n]) / 2 for n in tied}
     expected["lm_head.weight"] = (tensors["base"]["lm_head.weight"] + tied["model.embed_tokens.weight"]) / 2
     assert_equal_tensors(ours, expected)
+
+
+def test_lora_over_a_tied_base_changes_the_head_it_stands_in_for(world, tensors, tmp_path):
+    """A tied base's head is its input embeddings, and so is its adapter's delta of the head: with an
+    untied model first, `tied + ad` contributes PEFT's merged (tied) head, embedding delta included."""
+    make_tiny_llama(tmp_path / "tied", seed=7, config={**CONFIG, "tie_word_embeddings": True}, dtype=torch.float32)
+    make_adapter(tmp_path / "tied", tmp_path / "tied_adapter")
+    merged = {k: v.detach().clone() for k, v in peft_merged(tmp_path / "tied", tmp_path / "tied_adapter")
+              .state_dict().items()}
+    assert torch.equal(merged["lm_head.weight"], merged["model.embed_tokens.weight"])
+    spec = (f'base = model("base")\ntied = model("{tmp_path / "tied"}")\n'
+            f'ad = lora("{tmp_path / "tied_adapter"}", base=tied)\noutput avg(base, tied + ad)\n')
+    ours = load_folder(run(world, spec, "tied_lora"))
+    expected = {n: (tensors["base"][n] + merged[n]) / 2 for n in tensors["base"]}
+    assert_close_ulp(ours, expected, max_ulp=2)
