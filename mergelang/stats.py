@@ -438,7 +438,8 @@ def dare_warnings(plan, reporter: Reporter) -> None:
     samples: dict[tuple, tuple[torch.Tensor, int]] = {}
     for (span, op, ft_key, base_key), entry in found.items():
         ft, base = plan.checkpoints[ft_key], plan.checkpoints[base_key]
-        names = [(f, b) for f, b in dict.fromkeys(entry["names"]) if ft.tensors[f].shape[1:] == base.tensors[b].shape[1:]]
+        names = [(f, b) for f, b in dict.fromkeys(entry["names"])
+                 if ft.tensors[f].shape[1:] == base.tensors[b].shape[1:]]
         key = (ft_key, base_key, tuple(names))
         if key not in samples:
             samples[key] = _sample(ft, base, names)

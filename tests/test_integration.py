@@ -239,7 +239,8 @@ def test_dare_warning_samples_the_layers_a_stack_reads(world, base_range, warned
     """ft0's deltas are small (N(0, 0.01)); layer 2 of ft0 minus layer 0 of base is not."""
     spec = ('base = model("base")\nft0 = model("ft0bin")\n'
             "output stack(layer_range(base, 0, 2),\n"
-            f"             layer_range(base, 2, 4) + dare(layer_range(ft0, 2, 4) - layer_range(base, {base_range}), p=0.9))\n")
+            "             layer_range(base, 2, 4)\n"
+            f"             + dare(layer_range(ft0, 2, 4) - layer_range(base, {base_range}), p=0.9))\n")
     assert ("warning[E030]" in check_output(world, spec, "dare_stacked")) == warned
 
 
@@ -388,7 +389,8 @@ def test_bytes_do_not_depend_on_threads_or_chunks(world, tmp_path):
     run_api(spec, tmp_path / "seed12", RunOptions(seed=12, shard_size=30_000))
     other = load_folder(tmp_path / "seed12")
     ours = load_folder(tmp_path / "j1")
-    assert not torch.equal(other["model.layers.0.self_attn.q_proj.weight"], ours["model.layers.0.self_attn.q_proj.weight"])
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(other[q], ours[q])
     assert not torch.equal(other["model.layers.4.mlp.up_proj.weight"], ours["model.layers.4.mlp.up_proj.weight"])
 
 
@@ -448,7 +450,8 @@ def test_lora_base_must_be_a_model(world, base):
     spec = f'base = model("base")\nbinm = model("ft0bin")\nad = lora("adapter", base={base})\noutput base + ad\n'
     found = check_fails(world, spec)
     assert "error[E005]: `base` of `lora` must be a model, found a tensor" in found
-    assert f"bad.ml:3:27\n  |\n3 | ad = lora(\"adapter\", base={base})\n  |                           {'^' * len(base)}" in found
+    assert (f"bad.ml:3:27\n  |\n3 | ad = lora(\"adapter\", base={base})\n"
+            f"  |                           {'^' * len(base)}") in found
 
 
 @pytest.mark.parametrize("option", ["config", "tokenizer"])
@@ -492,7 +495,8 @@ def test_stats_of_a_hub_id_equal_those_of_its_folder(world, hub_cache):
 def test_stats_refuses_an_adapter(world):
     result = invoke("stats", world / "adapter", world / "base")
     assert result.exit_code == 1
-    assert f"error[E007]: the fine-tuned model: {world / 'adapter'} is a LoRA adapter, not a checkpoint" in result.output
+    assert (f"error[E007]: the fine-tuned model: {world / 'adapter'} is a LoRA adapter, not a checkpoint"
+            in result.output)
 
 
 def test_config_from_another_model_gets_the_stack_layer_types(world, tmp_path):
@@ -564,7 +568,8 @@ def test_tied_bin_model_stands_in_its_embeddings_for_the_head(world, tensors, tm
     to_bin(tmp_path / "tied", world / "tiedbin")
     tied = torch.load(world / "tiedbin" / "pytorch_model.bin", weights_only=True)
     assert "lm_head.weight" not in tied
-    ours = load_folder(run(world, 'base = model("base")\ntied = model("tiedbin")\noutput avg(base, tied)\n', "tied_out"))
+    spec = 'base = model("base")\ntied = model("tiedbin")\noutput avg(base, tied)\n'
+    ours = load_folder(run(world, spec, "tied_out"))
     expected = {n: (tensors["base"][n] + tied[n]) / 2 for n in tied}
     expected["lm_head.weight"] = (tensors["base"]["lm_head.weight"] + tied["model.embed_tokens.weight"]) / 2
     assert_equal_tensors(ours, expected)
