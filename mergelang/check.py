@@ -140,10 +140,16 @@ def open_inputs(lowered: Lowered, folders: dict[str, Path], reporter: Reporter) 
                            f"model `{key}`: {e.message}" if missing else f"model `{key}`: {e}",
                            model.span, label="this model",
                            notes=(f"looked in {folders[key]}",) if missing else (),
-                           help=("relative paths are relative to the spec's folder; "
-                                 f"or pass --model {key}=PATH") if missing else
+                           help=missing_help(key, model, folders[key]) if missing else
                            "the file is damaged or incomplete; copy or download it again")
     return opened
+
+
+def missing_help(key: str, model, folder: Path) -> str:
+    """Where a missing input's path was taken relative to: the spec's folder, or (--model) the working folder."""
+    if folder != model.folder:
+        return f"the path given by --model {key}=... is relative to the working folder"
+    return f"relative paths are relative to the spec's folder; or pass --model {key}=PATH"
 
 
 class _Grouped:

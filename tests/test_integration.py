@@ -482,6 +482,7 @@ def test_model_option_rebinds_a_hub_id_to_a_folder(world, tmp_path):
     found = check_fails(world, spec, "--model", f"hub={tmp_path / 'nowhere'}")
     assert "error[E007]: model `hub`: checkpoint folder not found" in found
     assert f"note: looked in {tmp_path / 'nowhere'}" in found
+    assert "help: the path given by --model hub=... is relative to the working folder" in found
 
 
 def test_stats_of_a_hub_id_equal_those_of_its_folder(world, hub_cache):
