@@ -561,9 +561,11 @@ class _Translator:
             if isinstance(tok, YScalar) and tok.value == "base":
                 if base_ref is None:
                     self.fail("`tokenizer_source: base` needs a `base_model`", tok.span)
-                options.append(("tokenizer", self.bind(base_ref, tok.span)))
+                ref = base_ref
             else:
-                options.append(("tokenizer", self.bind(self.parse_ref(tok, "tokenizer_source"), tok.span)))
+                ref = self.parse_ref(tok, "tokenizer_source")
+            # `tokenizer=` names a model: a MODEL+LORA's tokenizer is its model's (an adapter adds none).
+            options.append(("tokenizer", self.bind(_Ref(ref.path, ref.revision), tok.span)))
         template = doc.get("chat_template")
         if template is not None and not (isinstance(template, YScalar) and template.value is None):
             if not isinstance(template, YScalar) or not isinstance(template.value, str):

@@ -589,3 +589,22 @@ def test_lora_over_a_tied_base_changes_the_head_it_stands_in_for(world, tensors,
     ours = load_folder(run(world, spec, "tied_lora"))
     expected = {n: (tensors["base"][n] + merged[n]) / 2 for n in tensors["base"]}
     assert_close_ulp(ours, expected, max_ulp=2)
+
+
+def test_imported_tokenizer_source_of_a_lora_base_names_its_model(world, tensors, tmp_path):
+    """`tokenizer_source: base` with `base_model: base+adapter` used to give `tokenizer=base_adapter`,
+    an expression, which `tokenizer=` refuses: the spec that import wrote did not check."""
+    (world / "lora_ta.yml").write_text(
+        "models:\n  - model: org/ft1\n    parameters:\n      weight: 0.5\n"
+        "base_model: base+adapter\nmerge_method: task_arithmetic\ntokenizer_source: base\ndtype: float32\n")
+    result = invoke("import", world / "lora_ta.yml", "-o", world / "lora_ta.ml", "--force")
+    assert result.exit_code == 0, result.output
+    text = (world / "lora_ta.ml").read_text()
+    assert text.endswith("output task_arithmetic(base_adapter, [ft1], weights=[0.5]), tokenizer=base, dtype=\"fp32\"\n")
+    result = invoke("run", world / "lora_ta.ml", "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    result = verify(tmp_path / "out")
+    assert result.exit_code == 0 and result.output.endswith("identical\n"), result.output
+    lora, hub = tensors["lora"], tensors["hub"]
+    expected = {n: lora[n] + 0.5 * (hub[n] - lora[n]) for n in tensors["base"]}
+    assert_close_ulp(load_folder(tmp_path / "out"), expected, max_ulp=2)
