@@ -564,6 +564,10 @@ class _Translator:
                 ref = base_ref
             else:
                 ref = self.parse_ref(tok, "tokenizer_source")
+            if ref.path in self.docs and ref.revision is None:
+                self.fail(f"`tokenizer_source` is the intermediate merge {ref.path!r}, which is not a model on "
+                          "disk here; `tokenizer=` must name a model", tok.span,
+                          help="name the model whose tokenizer that merge carries (its base_model or first model)")
             # `tokenizer=` names a model: a MODEL+LORA's tokenizer is its model's (an adapter adds none).
             options.append(("tokenizer", self.bind(_Ref(ref.path, ref.revision), tok.span)))
         template = doc.get("chat_template")

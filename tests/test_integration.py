@@ -608,3 +608,15 @@ def test_imported_tokenizer_source_of_a_lora_base_names_its_model(world, tensors
     lora, hub = tensors["lora"], tensors["hub"]
     expected = {n: lora[n] + 0.5 * (hub[n] - lora[n]) for n in tensors["base"]}
     assert_close_ulp(load_folder(tmp_path / "out"), expected, max_ulp=2)
+
+
+def test_import_refuses_a_tokenizer_source_that_is_an_intermediate_merge(tmp_path):
+    (tmp_path / "multi.yml").write_text(
+        "name: first\nmerge_method: linear\nmodels:\n  - model: a\n  - model: b\nparameters:\n  weight: 0.5\n"
+        "---\nmerge_method: slerp\nbase_model: first\nmodels:\n  - model: c\nparameters:\n  t: 0.5\n"
+        "tokenizer_source: base\n")
+    result = invoke("import", tmp_path / "multi.yml")
+    assert result.exit_code == 1
+    assert ("error[E032]: `tokenizer_source` is the intermediate merge 'first', which is not a model on disk "
+            "here; `tokenizer=` must name a model\n  --> " in result.output)
+    assert "multi.yml:15:19" in result.output
