@@ -140,10 +140,16 @@ def open_inputs(lowered: Lowered, folders: dict[str, Path], reporter: Reporter) 
                            f"model `{key}`: {e.message}" if missing else f"model `{key}`: {e}",
                            model.span, label="this model",
                            notes=(f"looked in {folders[key]}",) if missing else (),
-                           help=("relative paths are relative to the spec's folder; "
-                                 f"or pass --model {key}=PATH") if missing else
+                           help=missing_help(key, model, folders[key]) if missing else
                            "the file is damaged or incomplete; copy or download it again")
     return opened
+
+
+def missing_help(key: str, model, folder: Path) -> str:
+    """Where a missing input's path was taken relative to: the spec's folder, or (--model) the working folder."""
+    if folder != model.folder:
+        return f"the path given by --model {key}=... is relative to the working folder"
+    return f"relative paths are relative to the spec's folder; or pass --model {key}=PATH"
 
 
 class _Grouped:
@@ -272,7 +278,7 @@ def _stacking(plan: Plan, reporter: Reporter):
         span = (spans.arg(e.node, e.arg)[0] if e.arg is not None else None) or spans.first(e.node)
         reporter.error(e.code, e.message, span, help=e.help)
         return False
-    plan.config_updates.update(stacking.config_updates(stacked, plan.checkpoints, plan.reference))
+    plan.config_updates.update(stacking.config_updates(stacked, plan.checkpoints, plan.config_source))
     return stacked
 
 

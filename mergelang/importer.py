@@ -561,9 +561,15 @@ class _Translator:
             if isinstance(tok, YScalar) and tok.value == "base":
                 if base_ref is None:
                     self.fail("`tokenizer_source: base` needs a `base_model`", tok.span)
-                options.append(("tokenizer", self.bind(base_ref, tok.span)))
+                ref = base_ref
             else:
-                options.append(("tokenizer", self.bind(self.parse_ref(tok, "tokenizer_source"), tok.span)))
+                ref = self.parse_ref(tok, "tokenizer_source")
+            if ref.path in self.docs and ref.revision is None:
+                self.fail(f"`tokenizer_source` is the intermediate merge {ref.path!r}, which is not a model on "
+                          "disk here; `tokenizer=` must name a model", tok.span,
+                          help="name the model whose tokenizer that merge carries (its base_model or first model)")
+            # `tokenizer=` names a model: a MODEL+LORA's tokenizer is its model's (an adapter adds none).
+            options.append(("tokenizer", self.bind(_Ref(ref.path, ref.revision), tok.span)))
         template = doc.get("chat_template")
         if template is not None and not (isinstance(template, YScalar) and template.value is None):
             if not isinstance(template, YScalar) or not isinstance(template.value, str):

@@ -30,6 +30,7 @@ class OutputOptions:
     tokenizer: str | None = None  # model key whose tokenizer files (and vocabulary) the output carries
     config: str | None = None  # model key whose config.json / generation_config.json the output carries
     chat_template: str | None = None  # the template text
+    chat_template_file: Path | None = None  # the .jinja file it was read from, if any (an input of the run)
     dtype: str | None = None  # safetensors dtype code, e.g. "BF16"
     spans: tuple[tuple[str, ast.Span], ...] = ()  # option name → where it was written
 
@@ -59,6 +60,13 @@ def lower_options(lowerer, options: tuple[ast.Keyword, ...], scope) -> OutputOpt
                               k.value.span, label="not a model",
                               help=f'write `{k.name}=NAME` where `NAME = model("...")`')
                 continue
+            model = lowerer.inputs.get(value.attr("model"))
+            if model is not None and model.kind == "lora":  # an adapter folder has no config or tokenizer
+                lowerer.error(TYPE, f"`{k.name}=` must name a model, found the LoRA adapter `{model.key}`",
+                              k.value.span, label="a LoRA adapter",
+                              help=f"the adapter's config and tokenizer are its base's: write "
+                                   f"`{k.name}={model.base_key}`")
+                continue
             values[k.name] = value.attr("model")
         elif not isinstance(value, str):
             what = "a Jinja template or the path of a .jinja file" if k.name == "chat_template" else \
@@ -77,12 +85,18 @@ def lower_options(lowerer, options: tuple[ast.Keyword, ...], scope) -> OutputOpt
             template = _template(lowerer, value, k.value.span)
             if template is not None:
                 values["chat_template"] = template
+                if _is_template_file(value):
+                    values["chat_template_file"] = Path(lowerer.folder) / value
     return OutputOptions(spans=tuple(spans), **values)
+
+
+def _is_template_file(value: str) -> bool:
+    return not ("\n" in value or "{" in value or not value.endswith(".jinja"))
 
 
 def _template(lowerer, value: str, span: ast.Span) -> str | None:
     """An inline template, or the text of a `.jinja` file relative to the spec's folder."""
-    if "\n" in value or "{" in value or not value.endswith(".jinja"):
+    if not _is_template_file(value):
         return value
     path = (Path(lowerer.folder) / value)
     try:

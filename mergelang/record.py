@@ -7,6 +7,7 @@ decides the output bytes goes in (no time, host or output path), so equal runs g
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from . import __version__
@@ -14,6 +15,7 @@ from .check import Plan, parse_dtype
 from .io.card import CARD_FILE, FORMAT, write_card
 from .io.checkpoint import INDEX_FILE
 from .io.hashing import BackgroundHasher
+from .io.hub import looks_like_hub_id
 from .io.hf_files import MODEL_FILES
 
 # Besides weights: the index of .bin shards and a LoRA adapter's config (its rank and scale).
@@ -53,6 +55,12 @@ class PendingRecord:
         self.hasher.cancel()
 
 
+def _rebinding(given) -> str:
+    """A `--model NAME=PATH` as recorded: the absolute folder, or a hub id as written (not a path)."""
+    path = Path(given).expanduser().resolve()
+    return str(path) if path.exists() or not looks_like_hub_id(str(given)) else str(given)
+
+
 def spec_source(plan: Plan):
     return plan.lowered.sources[plan.lowered.output_span.file]
 
@@ -67,16 +75,22 @@ def start_record(plan: Plan, seed: int, dtype: str | None, shard_size: int,
         folder = Path(getattr(ckpt, "path", model.folder))
         files[key] = (folder, input_files(folder, list(getattr(ckpt, "files", []))))
         inputs.append({"key": key, "path": model.path_text, "resolved": str(folder.resolve()), "files": []})
+    spec = {"name": Path(source.name).name, "folder": str(source.folder), "text": source.text}
+    template = plan.lowered.options.chat_template_file
+    if template is not None:  # read at lowering: an input of the run, like the models' files
+        data = Path(template).read_bytes()
+        spec["files"] = [{"name": _name(Path(template), Path(source.folder)), "size": len(data),
+                          "sha256": hashlib.sha256(data).hexdigest()}]
     record = {
         "format": FORMAT,
         "mergelang": __version__,
-        "spec": {"name": Path(source.name).name, "folder": str(source.folder), "text": source.text},
+        "spec": spec,
         "inputs": inputs,
         "seed": seed,
         "options": {
             "dtype": parse_dtype(dtype),
             "shard_size": shard_size,
-            "models": {name: str(Path(p).expanduser().resolve()) for name, p in sorted(models.items())},
+            "models": {name: _rebinding(p) for name, p in sorted(models.items())},
         },
     }
     hasher = BackgroundHasher([p for _, paths in files.values() for p in paths]).start()

@@ -224,10 +224,11 @@ def output_tensors(stacking: Stacking, checkpoints: dict, reference: str) -> lis
     return pre + layers + post
 
 
-def config_updates(stacking: Stacking, checkpoints: dict, reference: str) -> dict:
-    """The output's layer count, under the key the reference config uses (num_hidden_layers by
-    default), and its per-layer `layer_types` list (Qwen2, Gemma, ...) taken from each source layer."""
-    config = checkpoints[reference].config or {}
+def config_updates(stacking: Stacking, checkpoints: dict, config_source: str) -> dict:
+    """The output's layer count, under the key the written config (`config_source`'s: the `config=`
+    model, else the reference) uses (num_hidden_layers by default), and its per-layer `layer_types`
+    list (Qwen2, Gemma, ...) taken from each source layer."""
+    config = checkpoints[config_source].config or {}
     key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers") if k in config), "num_hidden_layers")
     updates = {key: stacking.num_layers}
     if isinstance(config.get("layer_types"), list):

@@ -41,6 +41,8 @@ from .diagnostics import (
     CORRUPT, DARE_LARGE_DELTA, DTYPE, INPUT, MISSING_TENSOR, SHAPE, Diagnostic, MergelangError, Reporter,
 )
 from .io import Checkpoint, CheckpointError
+from .io.hub import HubError, locate
+from .io.lora import CONFIG as ADAPTER_CONFIG
 from .ops.select import LOW_BITS, magnitude_bits
 from .specialize import _LAYER, layer_index
 
@@ -251,11 +253,22 @@ def verdict(p99: float) -> str:
 
 
 def _open(path: Path, role: str) -> Checkpoint:
+    """A checkpoint folder, or a hub id `owner/name` in the local Hugging Face cache (as in a spec)."""
     try:
-        return Checkpoint.open(Path(path))
+        path = locate(str(path), Path(path).expanduser())
+    except HubError as e:
+        raise MergelangError(Diagnostic(INPUT, f"the {role} model: {e.message}", notes=e.notes,
+                                        help=e.help or "FT and BASE are checkpoint folders or hub ids")) from None
+    if (path / ADAPTER_CONFIG).is_file():
+        raise MergelangError(Diagnostic(INPUT, f"the {role} model: {path} is a LoRA adapter, not a checkpoint",
+                                        help="merge it onto its base first (`output base + lora(\"ADAPTER\", "
+                                             "base=base)`) and compare the result with the base"))
+    try:
+        return Checkpoint.open(path)
     except CheckpointError as e:
-        code = INPUT if not Path(path).exists() else CORRUPT
-        raise MergelangError(Diagnostic(code, f"the {role} model: {e}", help="FT and BASE are checkpoint folders")) from None
+        code = INPUT if not path.exists() else CORRUPT
+        raise MergelangError(Diagnostic(code, f"the {role} model: {e}",
+                                        help="FT and BASE are checkpoint folders or hub ids")) from None
 
 
 def _rows(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -377,17 +390,18 @@ def _drop_probability(node) -> float | None:
     return None
 
 
-def _sample(ft: Checkpoint, base: Checkpoint, names: list[str]) -> tuple[torch.Tensor, int]:
+def _sample(ft: Checkpoint, base: Checkpoint, names: list[tuple[str, str]]) -> tuple[torch.Tensor, int]:
     """|δ| at a fixed set of places, and how many tensors they lie in: of each tensor kind, the
     tensors of the first, middle and last layer; of each, the first and middle row (at most its
-    first SAMPLE_ROW_ELEMENTS entries)."""
-    by_kind: dict[str, list[str]] = defaultdict(list)
-    for name in names:
-        by_kind[tensor_kind(name)].append(name)
+    first SAMPLE_ROW_ELEMENTS entries). `names` are (ft tensor, base tensor) pairs: they differ
+    where a stacked output reads other layers."""
+    by_kind: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for pair in names:
+        by_kind[tensor_kind(pair[0])].append(pair)
     parts, tensors = [], 0
     for group in by_kind.values():
-        for name in dict.fromkeys([group[0], group[len(group) // 2], group[-1]]):
-            a, b = ft.tensors[name], base.tensors[name]
+        for name, base_name in dict.fromkeys([group[0], group[len(group) // 2], group[-1]]):
+            a, b = ft.tensors[name], base.tensors[base_name]
             if len(a.shape) < 2:  # a vector is sampled as one row
                 rows, row_size = 1, math.prod(a.shape)
             else:
@@ -396,7 +410,7 @@ def _sample(ft: Checkpoint, base: Checkpoint, names: list[str]) -> tuple[torch.T
             for r in sorted({0, rows // 2}):
                 start, stop = r * row_size, r * row_size + min(row_size, SAMPLE_ROW_ELEMENTS)
                 parts.append((ft.read(name, start, stop).to(torch.float32)
-                              - base.read(name, start, stop).to(torch.float32)).abs())
+                              - base.read(base_name, start, stop).to(torch.float32)).abs())
     return (torch.cat(parts) if parts else torch.zeros(0)), tensors
 
 
@@ -419,11 +433,13 @@ def dare_warnings(plan, reporter: Reporter) -> None:
             span = plan.lowered.spans.first(node)
             entry = found.setdefault((span, node.op, a.attr("model"), b.attr("model")), {"p": p, "names": []})
             entry["p"] = max(entry["p"], p)
-            entry["names"].append(tp.name)
+            # In a stacked output a load reads another layer than the output tensor's (its `tensor`).
+            entry["names"].append((a.attr("tensor") or tp.name, b.attr("tensor") or tp.name))
     samples: dict[tuple, tuple[torch.Tensor, int]] = {}
     for (span, op, ft_key, base_key), entry in found.items():
         ft, base = plan.checkpoints[ft_key], plan.checkpoints[base_key]
-        names = [n for n in dict.fromkeys(entry["names"]) if ft.tensors[n].shape[1:] == base.tensors[n].shape[1:]]
+        names = [(f, b) for f, b in dict.fromkeys(entry["names"])
+                 if ft.tensors[f].shape[1:] == base.tensors[b].shape[1:]]
         key = (ft_key, base_key, tuple(names))
         if key not in samples:
             samples[key] = _sample(ft, base, names)

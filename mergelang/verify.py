@@ -9,6 +9,7 @@ safetensors file, the first tensor. README.md is compared by its record (its pro
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -120,6 +121,18 @@ def check_inputs(record: dict, folders: dict[str, Path], reporter: Reporter) -> 
                                               f"sha256 was {f['sha256']}, it is {found.sha256}",
                                notes=(f"in {folder}",))
     cache.save()
+    for f in record["spec"].get("files", []):  # the chat template file the spec names
+        path = Path(record["spec"]["folder"]) / f["name"]
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            reporter.error(INPUT_CHANGED, f"the spec's file {f['name']} cannot be read: {e.strerror or e}",
+                           notes=(f"in {path.parent}",))
+            continue
+        if hashlib.sha256(data).hexdigest() != f["sha256"]:
+            reporter.error(INPUT_CHANGED, f"the spec's file {f['name']} changed since the merge: its sha256 was "
+                                          f"{f['sha256']}, it is {hashlib.sha256(data).hexdigest()}",
+                           notes=(f"in {path.parent}",))
     reporter.raise_if_errors()
 
 

@@ -131,10 +131,12 @@ class LoraAdapter:
         stop = numel if stop is None else stop
         if not (0 <= start <= stop <= numel):
             raise ValueError(f"range [{start}, {stop}) is out of bounds for tensor {name!r} with {numel} elements")
-        target = self.targets.get(name)
+        # info.name, not name: a tied base's lm_head.weight is an alias of its input embeddings, whose
+        # delta it shares (output_plan.tie_heads)
+        target = self.targets.get(info.name)
         if target is None or start == stop:
             return torch.zeros(stop - start, dtype=torch.float32)
-        a, b = self._factors(name, target)
+        a, b = self._factors(info.name, target)
         cols = info.shape[1]
         r0, r1 = start // cols, -(-stop // cols)
         first, end = r0 - r0 % BLOCK_ROWS, min(info.shape[0], -(-r1 // BLOCK_ROWS) * BLOCK_ROWS)

@@ -146,7 +146,8 @@ class BinCheckpoint(Checkpoint):
                 f"range [{start}, {stop}) is out of bounds for tensor {name!r} with {info.numel} elements"
             )
         with self._lock:
-            tensor = self._shard(info.path).get(name)
+            # info.name, not name: a tied model's lm_head.weight is an alias of its input embeddings
+            tensor = self._shard(info.path).get(info.name)
             if tensor is None or tuple(tensor.shape) != info.shape or DTYPE_CODES[tensor.dtype] != info.dtype:
                 found = "no such tensor" if tensor is None else f"{DTYPE_CODES[tensor.dtype]} {list(tensor.shape)}"
                 raise CheckpointError(
@@ -154,7 +155,7 @@ class BinCheckpoint(Checkpoint):
                     path=info.path,
                     tensor=name,
                 )
-            return self._flat(name, tensor)[start:stop].clone()
+            return self._flat(info.name, tensor)[start:stop].clone()
 
     def _flat(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` as 1-D: a view when contiguous, else one dense copy kept for the following chunks."""
