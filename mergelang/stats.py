@@ -292,7 +292,7 @@ def _comparable(name: str, ft: Checkpoint, base: Checkpoint, problems) -> tuple[
     a, b = ft.tensors[name], base.tensors[name]
     for role, info in (("fine-tuned", a), ("base", b)):
         if info.dtype not in FLOAT_DTYPES:
-            problems[(DTYPE, f"the {role} model stores them as {info.dtype}, not floating point")].append(name)
+            problems[(DTYPE, f"stored as {info.dtype} in the {role} model, not floating point")].append(name)
             return None
     if a.shape == b.shape:
         return _rows(a.shape)
@@ -302,7 +302,7 @@ def _comparable(name: str, ft: Checkpoint, base: Checkpoint, problems) -> tuple[
         problems[("note", f"vocabularies differ ({a.shape[0]} rows in the fine-tuned model, {b.shape[0]} "
                           f"in the base): only the {rows} rows they have in common are compared")].append(name)
         return rows, _rows(a.shape)[1]
-    problems[(SHAPE, f"shapes differ: {list(a.shape)} in the fine-tuned model, {list(b.shape)} in the base")
+    problems[(SHAPE, f"shape {list(a.shape)} in the fine-tuned model, {list(b.shape)} in the base")
              ].append(name)
     return None
 
@@ -355,6 +355,9 @@ def delta_stats(ft_path: Path, base_path: Path, chunk: int = CHUNK_ELEMENTS) -> 
     for (code, message), names in problems.items():
         if code == "note":
             report.diagnostics.append(Diagnostic(SHAPE, f"{_examples(names)}: {message}", severity="warning"))
+        elif code in (SHAPE, DTYPE):  # a property of each tensor named: the names first
+            report.diagnostics.append(Diagnostic(code, f"{_examples(names)}: {message}; not compared",
+                                                 severity="warning"))
         else:
             report.diagnostics.append(Diagnostic(code, f"{message} {_examples(names)}; not compared",
                                                  severity="warning"))

@@ -11,10 +11,15 @@ from click.testing import CliRunner
 from mergelang import rng
 from mergelang.cli import main
 from mergelang.graph import Node, const
-from mergelang.specialize import LayerInfo, interpolate, layer_index
 from oracle import load_folder
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def layer_of(name: str) -> int | None:
+    """K of `model.layers.K....`, None outside the layer stack."""
+    parts = name.split(".")
+    return int(parts[2]) if parts[:2] == ["model", "layers"] else None
 
 
 def ref_dare_avg(m, name):
@@ -33,7 +38,7 @@ def ref_per_tensor(m, name):
     if "self_attn" in name:
         t = 0.2
     elif "mlp" in name:
-        t = interpolate([0.3, 0.9], LayerInfo(2).t(name))
+        t = (0.3, 0.9)[layer_of(name)]  # layers(0.3, 0.9) over the 2 layers
     else:
         t = 0.5
     return (1 - t) * m["ft0"] + t * m["ft1"]
@@ -48,13 +53,13 @@ def ref_frankenmerge(models, name):
     """Takes whole models (output layers are built from other layers): ft0's layers 0-1, then ft1's
     and the base's layers 0-1 mixed with t over that part's 2 layers; the embedding from the first
     part; the final norm and head from the last part, at t = 0."""
-    k = layer_index(name)
+    k = layer_of(name)
     if k is not None and k < 2 or "embed_tokens" in name:
         return models["ft0"][name]
     t = 0.5
     if k is not None:
         name = name.replace(f"layers.{k}.", f"layers.{k - 2}.")
-        t = interpolate([0.5, 0.9], LayerInfo(2).t(name))
+        t = (0.5, 0.9)[k - 2]  # layers(0.5, 0.9) over the part's 2 layers
     return (t * models["ft1"][name] + 0.5 * models["base"][name]) / (t + 0.5)
 
 

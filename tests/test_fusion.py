@@ -259,7 +259,9 @@ def test_plan_elements_count_every_tensor_sharing_a_region():
     assert fuser.variants == {ties_like: 2, delta: 2, plain: 1}
 
 
-def test_run_compiled_writes_the_bytes_of_run_eager(family, tmp_path):
+def test_run_compiled_writes_the_bytes_of_run_eager(family, tmp_path, caplog):
+    import logging
+
     from click.testing import CliRunner
     from oracle import load_folder
 
@@ -272,10 +274,16 @@ def test_run_compiled_writes_the_bytes_of_run_eager(family, tmp_path):
                     "layer_range(base + dare(ft - base, p=0.5), 0, 2))\n")
     outs = {}
     for mode in ("never", "always"):
-        result = CliRunner().invoke(main, ["run", str(spec), "-o", str(tmp_path / mode), "-q", "--compile", mode],
-                                    catch_exceptions=False)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=fuse.log.name):
+            result = CliRunner().invoke(main, ["run", str(spec), "-o", str(tmp_path / mode), "-q", "--compile", mode],
+                                        catch_exceptions=False)
         assert result.exit_code == 0, result.output
         outs[mode] = load_folder(tmp_path / mode)
+        # the compiled run did compile (no region fell back to eager): else this compares eager with eager
+        compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compiled a region")]
+        assert (len(compiled) > 0) == (mode == "always"), mode
+        assert not any("compiling a region failed" in r.getMessage() for r in caplog.records)
     assert outs["never"].keys() == outs["always"].keys()
     for name, eager in outs["never"].items():
         assert torch.equal(eager.view(torch.int16), outs["always"][name].view(torch.int16)), name

@@ -5,8 +5,6 @@
     them with `MERGELANG_UPDATE_GOLDEN=1 python -m pytest tests/test_import.py` and review the diff.
 (b) Same tensors: mergekit runs a config on tiny checkpoints, mergelang runs the translated spec, and
     every tensor agrees (within one bf16 ulp, except where the method's own tests show why not).
-    Configs that need a language feature this build lacks (layer stacking, output options) are skipped
-    with the reason.
 (c) Errors: diagnostics at the line and column of the key in the YAML file.
 """
 
@@ -14,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -26,30 +23,12 @@ from test_parse import check_golden
 
 from mergelang.cli import main
 from mergelang.demo import TINY_LLAMA, make_tiny_llama
-from mergelang.diagnostics import MergelangError
 from mergelang.importer import METHODS, translate
 from mergelang.lower import load_stdlib, lower
 from mergelang.parse import parse
 
 EXAMPLES = Path(__file__).parent / "data" / "mergekit_examples"
 GOLDEN = Path(__file__).parent / "golden" / "import"
-
-
-def _supports(spec: str) -> bool:
-    """Whether this build of mergelang parses and lowers `spec` (a language feature present or not)."""
-    try:
-        lower(parse(spec, name="probe.ml"))
-        return True
-    except MergelangError:
-        return False
-
-
-HAS_STACK = _supports('a = model("a")\noutput stack(layer_range(a, 0, 1), layer_range(a, 0, 1))\n')
-HAS_OUTPUT_OPTIONS = _supports('a = model("a")\noutput a, tokenizer=a, dtype="fp16"\n')
-HAS_LORA = _supports('a = model("a")\noutput a + lora("l", base=a)\n')
-HAS_REVISION = _supports('a = model("a", revision="r")\noutput a\n')
-NO_STACK = "layer stacking (`stack`, `layer_range`) is not in this build of mergelang"
-NO_OPTIONS = "output options (`output EXPR, dtype=..., tokenizer=...`) are not in this build of mergelang"
 
 
 # ---- (a) golden translations -----------------------------------------------------------------------
@@ -129,26 +108,11 @@ def test_translations_use_stdlib_parameter_names():
         assert written <= params, (name, written - params)
 
 
-def test_goldens_without_new_features_lower():
-    """The translations that need only features of this build are valid specs as they stand."""
-    for name in ("bio-merge", "linear", "ties", "arcee_fusion"):
-        text = (GOLDEN / f"{name}.ml").read_text()
-        lower(parse(text.rsplit(", dtype=", 1)[0] + "\n", name=f"{name}.ml"))
-    lower(parse((GOLDEN / "multimerge.ml").read_text(), name="multimerge.ml"))
-
-
 @pytest.mark.parametrize("golden", sorted(GOLDEN.glob("*.ml")), ids=lambda p: p.stem)
 def test_every_golden_is_a_valid_spec(golden):
-    """Each translation parses and lowers, in a build with the language features it uses."""
-    text = golden.read_text()
-    needs = {"layer stacking": ("stack(" in text or "layer_range(" in text, HAS_STACK),
-             "output options": (bool(re.search(r"^output .*\), (dtype|tokenizer|chat_template)=", text, re.M | re.S)),
-                                HAS_OUTPUT_OPTIONS),
-             "lora(...)": ("lora(" in text, HAS_LORA), "model(..., revision=...)": ("revision=" in text, HAS_REVISION)}
-    missing = [feature for feature, (used, present) in needs.items() if used and not present]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not in this build of mergelang")
-    lower(parse(text, name=golden.name))
+    """Each translation parses and lowers as it stands (stacking, output options, lora and revisions
+    included)."""
+    lower(parse(golden.read_text(), name=golden.name))
 
 
 # ---- (b) the same tensors as mergekit --------------------------------------------------------------
@@ -352,7 +316,6 @@ def test_multi_document_config_matches_mergekit_run_stage_by_stage(fam, tmp_path
     assert_close_ulp(ours, theirs, max_ulp=1)
 
 
-@pytest.mark.skipif(not HAS_STACK, reason=NO_STACK)
 def test_orcamini_platy_layer_stacking_matches_mergekit(fam, tmp_path):
     config = example("orcamini-platy-44layer.yml")
     config["slices"][0]["sources"][0]["layer_range"] = [0, 3]
@@ -363,7 +326,6 @@ def test_orcamini_platy_layer_stacking_matches_mergekit(fam, tmp_path):
     assert_close_ulp(ours, theirs, max_ulp=0)
 
 
-@pytest.mark.skipif(not HAS_STACK, reason=NO_STACK)
 def test_gradient_slerp_slices_match_mergekit(fam, tmp_path):
     config = example("gradient-slerp.yml")
     for source in config["slices"][0]["sources"]:
@@ -373,7 +335,6 @@ def test_gradient_slerp_slices_match_mergekit(fam, tmp_path):
     assert_close_ulp(ours, theirs, max_ulp=1)
 
 
-@pytest.mark.skipif(not HAS_STACK, reason=NO_STACK)
 def test_slices_with_a_merge_inside_and_slice_parameters_match_mergekit(fam, tmp_path):
     config = {"merge_method": "slerp", "base_model": "a",
               "slices": [{"sources": [{"model": "a", "layer_range": [0, 3]}, {"model": "b", "layer_range": [2, 5]}],
@@ -385,7 +346,6 @@ def test_slices_with_a_merge_inside_and_slice_parameters_match_mergekit(fam, tmp
     assert_close_ulp(ours, theirs, max_ulp=1)
 
 
-@pytest.mark.skipif(not HAS_OUTPUT_OPTIONS, reason=NO_OPTIONS)
 def test_out_dtype_matches_mergekit(fam, tmp_path):
     config = rewrite({"merge_method": "task_arithmetic", "base_model": "b",
                       "models": [{"model": "x", "parameters": {"weight": 0.5}}]}, {"b": "base", "x": "ft0"}, fam)
@@ -396,7 +356,6 @@ def test_out_dtype_matches_mergekit(fam, tmp_path):
     assert_close_ulp(ours, theirs, max_ulp=1)
 
 
-@pytest.mark.skipif(not HAS_OUTPUT_OPTIONS, reason=NO_OPTIONS)
 def test_tokenizer_source_model_translates_to_a_runnable_option(fam, tmp_path):
     """The tiny models have no tokenizer files (mergekit needs them to apply tokenizer_source), and
     they share one vocabulary, so the tokenizer choice leaves the tensors as without it."""
@@ -542,4 +501,5 @@ def test_filter_star_matches_every_tensor_and_globs_are_refused(tmp_path):
 
 def test_missing_config_file(tmp_path):
     result = CliRunner().invoke(main, ["import", str(tmp_path / "nope.yml")])
-    assert result.exit_code == 1 and "error[E007]: config file not found" in result.output
+    assert result.exit_code == 1
+    assert f"error[E007]: config file not found: {tmp_path / 'nope.yml'}" in result.output

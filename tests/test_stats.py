@@ -151,8 +151,8 @@ def test_missing_mismatched_and_integer_tensors_are_named(tmp_path):
     assert got == sorted([
         ("E008", f"the base model {tmp_path / 'base'} has no tensor `only_ft`; not compared"),
         ("E008", f"the fine-tuned model {tmp_path / 'ft'} has no tensor `only_base`; not compared"),
-        ("E009", "shapes differ: [2, 3] in the fine-tuned model, [3, 2] in the base `b.weight`; not compared"),
-        ("E011", "the fine-tuned model stores them as I64, not floating point `ids`; not compared"),
+        ("E009", "`b.weight`: shape [2, 3] in the fine-tuned model, [3, 2] in the base; not compared"),
+        ("E011", "`ids`: stored as I64 in the fine-tuned model, not floating point; not compared"),
     ])
     assert all(d.severity == "warning" for d in report.diagnostics)
 

@@ -125,9 +125,10 @@ def test_moved_input_needs_model_option_and_hashes_must_match(own, tmp_path):
 def test_other_version_warns_and_prose_edits_are_allowed(merged):
     card = merged / "README.md"
     text = card.read_text()
-    assert f'"mergelang": "{__version__}"' in text
+    assert f'"mergelang": "{__version__}"' in text and "\n# spec\n" in text
     card.write_text(text.replace(f'"mergelang": "{__version__}"', '"mergelang": "0.0.1"')
-                    .replace("# spec\n", "# My merged model\n\nSome words of my own.\n"))
+                    .replace("\n# spec\n", "\n# My merged model\n\nSome words of my own.\n"))
+    assert "Some words of my own." in card.read_text()
     result = invoke("verify", merged, "-q")
     assert result.exit_code == 0, result.output
     assert f"warning[E033]: the folder was made by mergelang 0.0.1, this is {__version__}" in result.output
