@@ -246,7 +246,7 @@ def demo(folder, quiet, reporter):
     finally:
         plan.close()
     click.echo(f"merged into {out}\n\nThe formula:\n\n{spec.read_text()}\n"
-               f"Try: mergelang explain {spec}\n     mergelang check {spec}")
+               f"Try: mergelang explain {spec}\n     mergelang check {spec}\n     mergelang verify {out}")
 
 
 def _check_device(device: str) -> None:
