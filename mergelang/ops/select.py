@@ -37,7 +37,6 @@ from .registry import KernelContext, Param, in_range, op
 HIGH_BITS = 16  # bins of the first pass: 2**16
 LOW_BITS = 15  # bins of the second pass: 2**15 (31 magnitude bits in all)
 INDEX_BITS = 32
-_LOW_MASK = (1 << LOW_BITS) - 1
 _INDEX_MASK = (1 << INDEX_BITS) - 1
 MAX_ENTRIES = 1 << INDEX_BITS
 KEEP_ALL = 0  # a cutoff below every key
@@ -47,6 +46,22 @@ KEEP_NONE = (1 << 63) - 1  # a cutoff above every key
 def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
     """The bit patterns of |x| in float32, flattened, as int32 (non-negative, monotone in |x|)."""
     return x.reshape(-1).to(torch.float32).view(torch.int32) & 0x7FFFFFFF
+
+
+def high_histogram(bits: torch.Tensor) -> torch.Tensor:
+    """The histogram of the top HIGH_BITS of magnitude bits (consumes `bits`: shifted in place)."""
+    bits >>= LOW_BITS
+    return torch.bincount(bits, minlength=1 << HIGH_BITS)
+
+
+def low_histogram(bits: torch.Tensor, high: int) -> torch.Tensor:
+    """The histogram of the low LOW_BITS of the magnitude bits whose high bits are `high` (consumes
+    `bits`). Shifted so that the bin's entries land in 1..2**LOW_BITS and clamped, every entry is
+    counted by one bincount, without gathering the bin's entries first (a boolean index costs more
+    than the whole histogram); the two end bins, the entries outside, are dropped."""
+    bits -= (high << LOW_BITS) - 1  # no overflow: bits <= 2**31 - 1 and high << LOW_BITS >= 0
+    bits.clamp_(0, (1 << LOW_BITS) + 1)
+    return torch.bincount(bits, minlength=(1 << LOW_BITS) + 2)[1:-1]
 
 
 def rank_keys(x: torch.Tensor, start: int) -> torch.Tensor:
@@ -118,16 +133,16 @@ class RankCutoff:
     def update(self, pass_: int, x: torch.Tensor) -> None:
         if self.rank is None or x.numel() == 0:
             return
-        bits = magnitude_bits(x)
-        if pass_ == 0:
-            self.hist += torch.bincount(bits >> LOW_BITS, minlength=1 << HIGH_BITS)
-        elif pass_ == 1:
-            in_bin = bits[(bits >> LOW_BITS) == self.high]
-            self.hist += torch.bincount(in_bin & _LOW_MASK, minlength=1 << LOW_BITS)
-        else:
-            start, self.seen = self.seen, self.seen + bits.numel()
+        if pass_ >= 2:
+            start, self.seen = self.seen, self.seen + x.numel()
             if self.tie <= 0:
                 return  # found in an earlier chunk
+        bits = magnitude_bits(x)
+        if pass_ == 0:
+            self.hist += high_histogram(bits)
+        elif pass_ == 1:
+            self.hist += low_histogram(bits, self.high)
+        else:
             ties = bits == self.bits
             count = int(ties.sum().item())
             if count >= self.tie:
@@ -275,10 +290,9 @@ class ModelMagnitudeThreshold:
             return
         bits = magnitude_bits(x)
         if pass_ == 0:
-            self.hist += torch.bincount(bits >> LOW_BITS, minlength=1 << HIGH_BITS)
+            self.hist += high_histogram(bits)
         else:
-            in_bin = bits[(bits >> LOW_BITS) == self.high]
-            self.hist += torch.bincount(in_bin & _LOW_MASK, minlength=1 << LOW_BITS)
+            self.hist += low_histogram(bits, self.high)
 
     def end_pass(self, pass_: int) -> bool:
         if self.k == 0:
