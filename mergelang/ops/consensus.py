@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .fast import select, zero_unless
+from .fast import select, zero_unless, zero_unless_each
 from .registry import KernelContext, Param, op
 
 ZERO_SUM = 1e-8  # mergekit: a weight sum smaller than this in magnitude is not divided by
@@ -85,11 +85,12 @@ def disjoint_merge(ctx: KernelContext, *xs, weights: list[float], normalize: boo
     total = divisor = None
     for v, w in zip(d, weights):
         agree = torch.sign(v) == elected
-        term = zero_unless(agree, v)
-        total = term if total is None else total + term
         if normalize:
-            share = zero_unless(agree, torch.tensor(w, dtype=torch.float32, device=v.device))
+            term, share = zero_unless_each(agree, v, w)
             divisor = share if divisor is None else divisor + share
+        else:
+            term = zero_unless(agree, v)
+        total = term if total is None else total + term
     if normalize:
         total = total / select(divisor == 0, 1.0, divisor)
     return total
