@@ -93,6 +93,31 @@ def keep_mask(x: torch.Tensor, start: int, cutoff: int, bound: str) -> torch.Ten
     return (bits > t if lower else bits < t) | ((bits == t) & tie_side)
 
 
+def keep_top_values(x: torch.Tensor, start: int, cutoff: int) -> torch.Tensor | None:
+    """x (float32) with the entries whose rank key is below `cutoff` set to +0.0, the common case
+    of keep_mask(x, start, cutoff, "lower") applied at once: when every entry of the chunk equal
+    to the cutoff's magnitude is on the same side, the mask is the sign of bits - t, built with
+    integer ops (a comparison into booleans costs more than the three of them). None for the
+    other cases (other dtypes, no data needed, or a chunk that holds the cutoff's own entry)."""
+    if x.dtype != torch.float32 or cutoff in (KEEP_ALL, KEEP_NONE):
+        return None
+    n = x.numel()
+    t, last = cutoff >> INDEX_BITS, key_index(cutoff)
+    if last < start:
+        t += 1  # every entry equal to t is dropped: keep bits >= t + 1
+    elif last < start + n - 1:
+        return None
+    if t > 0x7FFFFFFF:
+        return None
+    xbits = x.reshape(-1).view(torch.int32)
+    m = xbits & 0x7FFFFFFF
+    m -= t  # no overflow: both are in [0, 2**31)
+    m >>= 31  # -1 where dropped
+    m.bitwise_not_()
+    m &= xbits
+    return m.view(torch.float32).view(x.shape)
+
+
 def key_magnitude(key: int) -> float:
     """The magnitude part of a rank key, as a float."""
     return torch.tensor([key >> INDEX_BITS], dtype=torch.int32).view(torch.float32).item()
