@@ -154,6 +154,7 @@ class RankCutoff:
         self.hist = torch.zeros(1 << HIGH_BITS, dtype=torch.int64, device=self.device)
         self.high = self.rank_in_bin = self.bits = self.tie = 0
         self.seen = 0  # entries scanned so far in the third pass
+        self.pass_complete = False  # the executor may skip the rest of the chunks of this pass
 
     def update(self, pass_: int, x: torch.Tensor) -> None:
         if self.rank is None or x.numel() == 0:
@@ -174,6 +175,7 @@ class RankCutoff:
                 index = start + int(torch.nonzero(ties)[self.tie - 1].item())
                 self.key = (self.bits << INDEX_BITS) | (_INDEX_MASK - index)
             self.tie -= count
+            self.pass_complete = self.tie <= 0
 
     def end_pass(self, pass_: int) -> bool:
         if self.rank is None or self.n == 0:
