@@ -126,6 +126,8 @@ class TensorEvaluator:
             pass_ = 0
             while True:
                 for r0, r1 in self.chunks():
+                    if getattr(reducer, "pass_complete", False):
+                        break  # the reducer needs no more chunks in this pass (a scan that found its entry)
                     reducer.update(pass_, *[self._as_tensor(self.rows_of(a, r0, r1), r1 - r0) for a in inputs])
                 if reducer.end_pass(pass_):
                     break

@@ -529,3 +529,40 @@ def test_ties_global_topk_by_hand(tmp_path):
                              'output ties(base, [a, b], weights=[1, 1], density=0.5)\n',
                              {"base": base, "a": a, "b": b}, tmp_path / "per_tensor")
     assert not torch.equal(per_tensor["w"], out["w"])
+
+
+@pytest.mark.parametrize("method", ["sum", "count"])
+@pytest.mark.parametrize("weights", [[0.5, 0.3, 0.2], [1.0, -2.0, 0.5]])
+def test_disjoint_merge_bits_against_a_scalar_reference(method, weights):
+    """Entry by entry in float32 with numpy scalars (the docstring's definition): signed zeros, NaN
+    and infinities included; zeros that come out +0.0 must not come out -0.0."""
+    import numpy as np
+
+    f = np.float32
+    vals = [0.0, -0.0, 1.5, -1.5, 0.25, -3.0, math.inf, -math.inf, math.nan, 1e-45]
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.tensor(vals)[torch.randint(0, len(vals), (600,), generator=g)] for _ in weights]
+    out = OPS["disjoint_merge"].kernel(KernelContext(), *xs, weights=weights, normalize=True,
+                                       consensus_method=method)
+
+    def sign(v):  # as torch.sign on CPU: (v > 0) - (v < 0), so 0 for NaN
+        return f(int(v > 0) - int(v < 0))
+
+    want = []
+    for i in range(600):
+        d = [f(x[i].item()) * f(w) for x, w in zip(xs, weights)]
+        score = d[0] if method == "sum" else sign(d[0])
+        for v in d[1:]:
+            score = score + (v if method == "sum" else sign(v))
+        elected = f(1.0) if score >= 0 else f(-1.0)
+        total = divisor = None
+        for v, w in zip(d, weights):
+            agree = sign(v) == elected
+            term, share = (v, f(w)) if agree else (f(0.0), f(0.0))
+            total = term if total is None else total + term
+            divisor = share if divisor is None else divisor + share
+        want.append(total / (f(1.0) if divisor == 0 else divisor))
+    with np.errstate(all="ignore"):
+        want = torch.from_numpy(np.array(want, dtype=np.float32))
+    bad = (out.view(torch.int32) != want.view(torch.int32)).nonzero().flatten().tolist()
+    assert not bad, [(i, [x[i].item() for x in xs], out[i].item(), want[i].item()) for i in bad[:3]]

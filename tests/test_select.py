@@ -156,3 +156,21 @@ def test_registry_entries():
     assert OPS["topk_cutoff"].params[0].check(0.0) == "must be in (0, 1]"
     assert OPS["band_cutoff"].param("gamma").check(1.5) == "must be in [0, 1]"
     assert OPS["band_cutoff"].param("bound").choices == ("lower", "upper")
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 20])
+def test_keep_top_bits_in_every_chunk(chunk):
+    """keep_top per chunk (the integer-mask path and the chunk holding the cut): the kept entries'
+    own bits, +0.0 for the rest (never -0.0), NaN and infinities included, against reference_order."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-4, 5, (300,), generator=g).float() / 4  # many ties, zeros
+    x[::11] = -0.0
+    x[[5, 50]] = torch.tensor([math.inf, -math.inf])
+    kernel = OPS["keep_top"].kernel
+    for rank in (1, 3, 100, 150, 299, 300):
+        key = kth_largest_key(x, rank)
+        kept = set(reference_order(x.nan_to_num(nan=math.inf))[:rank])
+        want = torch.tensor([x[i].item() if i in kept else 0.0 for i in range(x.numel())]).view(torch.int32)
+        got = torch.cat([kernel(KernelContext(start=s), x[s:s + chunk], torch.tensor(key))
+                         for s in range(0, x.numel(), chunk)])
+        assert torch.equal(got.view(torch.int32), want), rank

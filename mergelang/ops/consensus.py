@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .fast import select, zero_unless
+from .fast import zero_unless, zero_unless_each
 from .registry import KernelContext, Param, op
 
 ZERO_SUM = 1e-8  # mergekit: a weight sum smaller than this in magnitude is not divided by
@@ -81,15 +81,18 @@ def disjoint_merge(ctx: KernelContext, *xs, weights: list[float], normalize: boo
         score = torch.sign(d[0])
         for v in d[1:]:
             score = score + torch.sign(v)
-    elected = select(score >= 0, 1.0, -1.0)
+    elected = (score >= 0).to(score.dtype)  # 1 or 0, then +1 or -1 (exact): fewer passes than a select
+    elected *= 2
+    elected -= 1
     total = divisor = None
     for v, w in zip(d, weights):
         agree = torch.sign(v) == elected
-        term = zero_unless(agree, v)
-        total = term if total is None else total + term
         if normalize:
-            share = zero_unless(agree, torch.tensor(w, dtype=torch.float32, device=v.device))
+            term, share = zero_unless_each(agree, v, w)
             divisor = share if divisor is None else divisor + share
+        else:
+            term = zero_unless(agree, v)
+        total = term if total is None else total + term
     if normalize:
-        total = total / select(divisor == 0, 1.0, divisor)
+        total = total / (divisor + (divisor == 0))  # a zero divisor (no agreement) becomes 1 exactly
     return total

@@ -35,6 +35,16 @@ def zero_unless(keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (_bits(x, m) & m).view(torch.float32)
 
 
+def zero_unless_each(keep: torch.Tensor, *xs) -> list[torch.Tensor]:
+    """[zero_unless(keep, x) for x in xs], with the mask built once (xs: tensors or numbers)."""
+    xs = [x if torch.is_tensor(x) else torch.tensor(float(x), dtype=torch.float32, device=keep.device)
+          for x in xs]
+    if not _fast(*xs):
+        return [zero_unless(keep, x) for x in xs]
+    m = _mask(keep)
+    return [(_bits(x, m) & m).view(torch.float32) for x in xs]
+
+
 def select(cond: torch.Tensor, a, b) -> torch.Tensor:
     """torch.where(cond, a, b) for float32 values (tensors that broadcast, or Python numbers)."""
     if not _fast(a, b):

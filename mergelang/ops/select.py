@@ -37,7 +37,6 @@ from .registry import KernelContext, Param, in_range, op
 HIGH_BITS = 16  # bins of the first pass: 2**16
 LOW_BITS = 15  # bins of the second pass: 2**15 (31 magnitude bits in all)
 INDEX_BITS = 32
-_LOW_MASK = (1 << LOW_BITS) - 1
 _INDEX_MASK = (1 << INDEX_BITS) - 1
 MAX_ENTRIES = 1 << INDEX_BITS
 KEEP_ALL = 0  # a cutoff below every key
@@ -47,6 +46,22 @@ KEEP_NONE = (1 << 63) - 1  # a cutoff above every key
 def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
     """The bit patterns of |x| in float32, flattened, as int32 (non-negative, monotone in |x|)."""
     return x.reshape(-1).to(torch.float32).view(torch.int32) & 0x7FFFFFFF
+
+
+def high_histogram(bits: torch.Tensor) -> torch.Tensor:
+    """The histogram of the top HIGH_BITS of magnitude bits (consumes `bits`: shifted in place)."""
+    bits >>= LOW_BITS
+    return torch.bincount(bits, minlength=1 << HIGH_BITS)
+
+
+def low_histogram(bits: torch.Tensor, high: int) -> torch.Tensor:
+    """The histogram of the low LOW_BITS of the magnitude bits whose high bits are `high` (consumes
+    `bits`). Shifted so that the bin's entries land in 1..2**LOW_BITS and clamped, every entry is
+    counted by one bincount, without gathering the bin's entries first (a boolean index costs more
+    than the whole histogram); the two end bins, the entries outside, are dropped."""
+    bits -= (high << LOW_BITS) - 1  # no overflow: bits <= 2**31 - 1 and high << LOW_BITS >= 0
+    bits.clamp_(0, (1 << LOW_BITS) + 1)
+    return torch.bincount(bits, minlength=(1 << LOW_BITS) + 2)[1:-1]
 
 
 def rank_keys(x: torch.Tensor, start: int) -> torch.Tensor:
@@ -76,6 +91,31 @@ def keep_mask(x: torch.Tensor, start: int, cutoff: int, bound: str) -> torch.Ten
     index = torch.arange(start, start + n, dtype=torch.int64, device=x.device)
     tie_side = index <= last if lower else index >= last
     return (bits > t if lower else bits < t) | ((bits == t) & tie_side)
+
+
+def keep_top_values(x: torch.Tensor, start: int, cutoff: int) -> torch.Tensor | None:
+    """x (float32) with the entries whose rank key is below `cutoff` set to +0.0, the common case
+    of keep_mask(x, start, cutoff, "lower") applied at once: when every entry of the chunk equal
+    to the cutoff's magnitude is on the same side, the mask is the sign of bits - t, built with
+    integer ops (a comparison into booleans costs more than the three of them). None for the
+    other cases (other dtypes, no data needed, or a chunk that holds the cutoff's own entry)."""
+    if x.dtype != torch.float32 or cutoff in (KEEP_ALL, KEEP_NONE):
+        return None
+    n = x.numel()
+    t, last = cutoff >> INDEX_BITS, key_index(cutoff)
+    if last < start:
+        t += 1  # every entry equal to t is dropped: keep bits >= t + 1
+    elif last < start + n - 1:
+        return None
+    if t > 0x7FFFFFFF:
+        return None
+    xbits = x.reshape(-1).view(torch.int32)
+    m = xbits & 0x7FFFFFFF
+    m -= t  # no overflow: both are in [0, 2**31)
+    m >>= 31  # -1 where dropped
+    m.bitwise_not_()
+    m &= xbits
+    return m.view(torch.float32).view(x.shape)
 
 
 def key_magnitude(key: int) -> float:
@@ -114,26 +154,28 @@ class RankCutoff:
         self.hist = torch.zeros(1 << HIGH_BITS, dtype=torch.int64, device=self.device)
         self.high = self.rank_in_bin = self.bits = self.tie = 0
         self.seen = 0  # entries scanned so far in the third pass
+        self.pass_complete = False  # the executor may skip the rest of the chunks of this pass
 
     def update(self, pass_: int, x: torch.Tensor) -> None:
         if self.rank is None or x.numel() == 0:
             return
-        bits = magnitude_bits(x)
-        if pass_ == 0:
-            self.hist += torch.bincount(bits >> LOW_BITS, minlength=1 << HIGH_BITS)
-        elif pass_ == 1:
-            in_bin = bits[(bits >> LOW_BITS) == self.high]
-            self.hist += torch.bincount(in_bin & _LOW_MASK, minlength=1 << LOW_BITS)
-        else:
-            start, self.seen = self.seen, self.seen + bits.numel()
+        if pass_ >= 2:
+            start, self.seen = self.seen, self.seen + x.numel()
             if self.tie <= 0:
                 return  # found in an earlier chunk
+        bits = magnitude_bits(x)
+        if pass_ == 0:
+            self.hist += high_histogram(bits)
+        elif pass_ == 1:
+            self.hist += low_histogram(bits, self.high)
+        else:
             ties = bits == self.bits
             count = int(ties.sum().item())
             if count >= self.tie:
                 index = start + int(torch.nonzero(ties)[self.tie - 1].item())
                 self.key = (self.bits << INDEX_BITS) | (_INDEX_MASK - index)
             self.tie -= count
+            self.pass_complete = self.tie <= 0
 
     def end_pass(self, pass_: int) -> bool:
         if self.rank is None or self.n == 0:
@@ -275,10 +317,9 @@ class ModelMagnitudeThreshold:
             return
         bits = magnitude_bits(x)
         if pass_ == 0:
-            self.hist += torch.bincount(bits >> LOW_BITS, minlength=1 << HIGH_BITS)
+            self.hist += high_histogram(bits)
         else:
-            in_bin = bits[(bits >> LOW_BITS) == self.high]
-            self.hist += torch.bincount(in_bin & _LOW_MASK, minlength=1 << LOW_BITS)
+            self.hist += low_histogram(bits, self.high)
 
     def end_pass(self, pass_: int) -> bool:
         if self.k == 0:

@@ -31,6 +31,9 @@ def keep_top(ctx: KernelContext, x, cutoff):
     """keep_top(x, cutoff): x where the entry's rank key (magnitude, then lower index first; see
     select.py) is >= cutoff, else 0. With cutoff = topk_cutoff(x, density) this is TIES's trim:
     exactly the k largest magnitudes."""
+    kept = select.keep_top_values(x, ctx.start, int(cutoff))
+    if kept is not None:
+        return kept
     keep = select.keep_mask(x, ctx.start, int(cutoff), "lower").view(x.shape)
     return zero_unless(keep, x)
 
