@@ -28,12 +28,16 @@ def _exists_message(target: Path) -> str:
     return f"output {target} already exists and is {what}; choose another output folder or force replacing it"
 
 
-def _make_unique_dir(parent: Path, prefix: str) -> Path:
+def _make_unique_dir(parent: Path, prefix: str, made: list[Path]) -> Path:
+    """Create a new folder; its path is in `made` from just before it exists, so that an interrupt
+    arriving at any point after the mkdir still finds it to remove."""
     while True:
         candidate = parent / f"{prefix}{secrets.token_hex(4)}"
+        made.append(candidate)
         try:
             candidate.mkdir()
         except FileExistsError:
+            made.pop()  # someone else's folder: never ours to remove
             continue
         return candidate
 
@@ -88,12 +92,14 @@ def atomic_output_dir(target: Path, *, force: bool = False) -> Iterator[Path]:
     if _occupied(target) and not force:
         raise FileExistsError(_exists_message(target))
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_unique_dir(target.parent, f".{target.name}.mergelang-tmp-")
+    made: list[Path] = []
     try:
+        tmp = _make_unique_dir(target.parent, f".{target.name}.mergelang-tmp-", made)
         yield tmp
         _commit(tmp, target, force)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
         raise
 
 
