@@ -270,7 +270,6 @@ def _plan_tensors(plan: Plan, out_dtype: str | None, reporter: Reporter) -> None
 def _stacking(plan: Plan, reporter: Reporter):
     """The layer structure of a stacked output (and its config's new layer count), or False after
     reporting a problem with it."""
-    ref = plan.checkpoints[plan.reference]
     try:
         stacked = stacking.prepare(plan.lowered.output, plan.checkpoints, plan.lowered.spans)
     except stacking.StackError as e:

@@ -228,7 +228,7 @@ def test_missing_shard(family: Path, tmp_path: Path):
     first = next(n for n, f in index.items() if f == "pytorch_model-00002-of-00003.bin")
     text = plan_error(tmp_path, folder)
     assert "model `ft`" in text and str(folder / BIN_INDEX_FILE) in text
-    assert f"weight_map names shard 'pytorch_model-00002-of-00003.bin'" in text and repr(first) in text
+    assert "weight_map names shard 'pytorch_model-00002-of-00003.bin'" in text and repr(first) in text
     assert "does not exist" in text
 
 

@@ -58,6 +58,20 @@ def read_config(folder: Path) -> dict | None:
     return config
 
 
+def element_range(tensors: dict[str, TensorInfo], name: str, start: int, stop: int | None,
+                  where: str) -> tuple[TensorInfo, int]:
+    """The info of tensor `name` and the end of the element range [start, stop) (None: to the end),
+    checked against its size: the common first step of every source's `read`."""
+    try:
+        info = tensors[name]
+    except KeyError:
+        raise KeyError(f"no tensor named {name!r} in {where}") from None
+    stop = info.numel if stop is None else stop
+    if not (0 <= start <= stop <= info.numel):
+        raise ValueError(f"range [{start}, {stop}) is out of bounds for tensor {name!r} with {info.numel} elements")
+    return info, stop
+
+
 class Checkpoint:
     """A checkpoint folder: tensor locations from the headers, data read on demand with pread."""
 
@@ -117,15 +131,7 @@ class Checkpoint:
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Elements [start, stop) of the flattened tensor `name`, as a new 1-D CPU tensor."""
-        try:
-            info = self.tensors[name]
-        except KeyError:
-            raise KeyError(f"no tensor named {name!r} in checkpoint {self.path}") from None
-        numel = info.numel
-        if stop is None:
-            stop = numel
-        if not (0 <= start <= stop <= numel):
-            raise ValueError(f"range [{start}, {stop}) is out of bounds for tensor {name!r} with {numel} elements")
+        info, stop = element_range(self.tensors, name, start, stop, f"checkpoint {self.path}")
         dtype = DTYPES[info.dtype]
         size = dtype.itemsize
         nbytes = (stop - start) * size

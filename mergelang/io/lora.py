@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from mergelang.io.checkpoint import Checkpoint, _load_json
+from mergelang.io.checkpoint import Checkpoint, _load_json, element_range
 from mergelang.io.safetensors_format import CheckpointError, TensorInfo, read_header
 
 CONFIG = "adapter_config.json"
@@ -123,14 +123,7 @@ class LoraAdapter:
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Elements [start, stop) of the flattened delta of tensor `name`, as a new 1-D float32 tensor."""
-        try:
-            info = self.tensors[name]
-        except KeyError:
-            raise KeyError(f"no tensor named {name!r} in the base of adapter {self.path}") from None
-        numel = info.numel
-        stop = numel if stop is None else stop
-        if not (0 <= start <= stop <= numel):
-            raise ValueError(f"range [{start}, {stop}) is out of bounds for tensor {name!r} with {numel} elements")
+        info, stop = element_range(self.tensors, name, start, stop, f"the base of adapter {self.path}")
         # info.name, not name: a tied base's lm_head.weight is an alias of its input embeddings, whose
         # delta it shares (output_plan.tie_heads)
         target = self.targets.get(info.name)

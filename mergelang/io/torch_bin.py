@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from mergelang.io.checkpoint import Checkpoint, _open_index, read_config
+from mergelang.io.checkpoint import Checkpoint, _open_index, element_range, read_config
 from mergelang.io.safetensors_format import DTYPE_CODES, CheckpointError, TensorInfo
 
 BIN_FILE = "pytorch_model.bin"
@@ -135,16 +135,7 @@ class BinCheckpoint(Checkpoint):
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Elements [start, stop) of the flattened tensor `name`, as a new 1-D CPU tensor."""
-        try:
-            info = self.tensors[name]
-        except KeyError:
-            raise KeyError(f"no tensor named {name!r} in checkpoint {self.path}") from None
-        if stop is None:
-            stop = info.numel
-        if not (0 <= start <= stop <= info.numel):
-            raise ValueError(
-                f"range [{start}, {stop}) is out of bounds for tensor {name!r} with {info.numel} elements"
-            )
+        info, stop = element_range(self.tensors, name, start, stop, f"checkpoint {self.path}")
         with self._lock:
             # info.name, not name: a tied model's lm_head.weight is an alias of its input embeddings
             tensor = self._shard(info.path).get(info.name)
