@@ -12,6 +12,7 @@ tensor is written, by `model_statistics`.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -19,7 +20,7 @@ import torch
 
 from .check import Plan, TensorPlan
 from .io import DTYPES, ShardedWriter
-from .overlap import ReadAhead, WriteBehind
+from .overlap import ReadAhead, WriteBehind, for_each_parallel
 from .fuse import Fuser, default_mode
 from .graph import Node, walk
 from .ops import OPS, KernelContext
@@ -269,34 +270,86 @@ def model_statistics(plan: Plan, options: ExecOptions) -> dict[Node, torch.Tenso
     return values
 
 
+def workers_for(options: ExecOptions, fuser: Fuser) -> int:
+    """How many tensors are evaluated side by side: one per CPU thread (each single-threaded, which
+    wastes less than splitting every chunk's ops across threads), or 1 on a GPU and when compiled
+    regions may run (they use every thread themselves)."""
+    if torch.device(options.device).type != "cpu" or fuser.may_compile():
+        return 1
+    return torch.get_num_threads()
+
+
 def execute(plan: Plan, writer: ShardedWriter, options: ExecOptions,
             on_progress: Callable[[TensorPlan, int], None] | None = None) -> None:
-    """Compute every planned tensor and stream it into the writer, reading ahead and writing behind.
-    Whole-model statistics come first, in passes over every tensor they cover."""
+    """Compute every planned tensor and stream it into the writer through a write-behind thread.
+    Whole-model statistics come first, in passes over every tensor they cover. With several CPU
+    threads, tensors are evaluated side by side; else one at a time, with reads ahead on a thread."""
     keep_freed_memory_mapped()
-    device = torch.device(options.device)
     whole_model = model_statistics(plan, options)
     fuser = Fuser.for_plan(plan, options.compile or default_mode())
-    ahead = ReadAhead(_predicted_reads(plan, options), lambda m, t, a, b: plan.checkpoints[m].read(t, a, b))
+    workers = workers_for(options, fuser)
     behind = WriteBehind(writer.write)
+    try:
+        if workers > 1:
+            _execute_parallel(plan, behind, options, whole_model, workers, on_progress)
+        else:
+            _execute_sequential(plan, behind, options, whole_model, fuser, on_progress)
+        behind.close()
+    except BaseException:
+        behind.abort()
+        raise
+
+
+def _evaluate_into(evaluator: TensorEvaluator, behind: WriteBehind, on_progress, check=lambda: None) -> None:
+    tp = evaluator.tp
+    out_dtype = evaluator.out_dtype = DTYPES[tp.dtype]
+    for start, values in evaluator.output_chunks():
+        check()
+        data = values.to(dtype=out_dtype).reshape(-1).to("cpu").contiguous()
+        behind.put(tp.name, start, data)
+        if on_progress:
+            on_progress(tp, data.numel() * out_dtype.itemsize)
+    if tp.numel == 0 and on_progress:
+        on_progress(tp, 0)
+
+
+def _execute_sequential(plan: Plan, behind: WriteBehind, options: ExecOptions, whole_model: dict,
+                        fuser: Fuser, on_progress) -> None:
+    device = torch.device(options.device)
+    ahead = ReadAhead(_predicted_reads(plan, options), lambda m, t, a, b: plan.checkpoints[m].read(t, a, b))
     try:
         for tp in tensor_order(plan, options):
             evaluator = TensorEvaluator(tp, None, options)
             evaluator.read = _reader(plan, tp, evaluator, device, ahead.read)
             evaluator.fuser = fuser
-            evaluator.out_dtype = DTYPES[tp.dtype]
-            evaluator.cache.update({n: v for n, v in whole_model.items()})
-            out_dtype = DTYPES[tp.dtype]
-            for start, values in evaluator.output_chunks():
-                data = values.to(dtype=out_dtype).reshape(-1).to("cpu").contiguous()
-                behind.put(tp.name, start, data)
-                if on_progress:
-                    on_progress(tp, data.numel() * out_dtype.itemsize)
-            if tp.numel == 0 and on_progress:
-                on_progress(tp, 0)
-        behind.close()
-    except BaseException:
-        behind.abort()
-        raise
+            evaluator.cache.update(whole_model)
+            _evaluate_into(evaluator, behind, on_progress)
     finally:
         ahead.close()
+
+
+def _execute_parallel(plan: Plan, behind: WriteBehind, options: ExecOptions, whole_model: dict,
+                      workers: int, on_progress) -> None:
+    """`workers` threads, each evaluating whole tensors with one torch thread and reading its own
+    chunks. The largest tensors go first, so that the last ones to finish are small. Every tensor's
+    bytes are computed as in the sequential order: chunks and reductions stay in order inside it."""
+    device = torch.device(options.device)
+    lock = threading.Lock()
+
+    def progress(tp: TensorPlan, nbytes: int) -> None:
+        with lock:
+            on_progress(tp, nbytes)
+
+    def work(tp: TensorPlan, check: Callable[[], None]) -> None:
+        evaluator = TensorEvaluator(tp, None, options)
+        evaluator.read = _reader(plan, tp, evaluator, device, lambda m, t, a, b: plan.checkpoints[m].read(t, a, b))
+        evaluator.cache.update(whole_model)
+        _evaluate_into(evaluator, behind, progress if on_progress else None, check)
+
+    order = sorted(tensor_order(plan, options), key=lambda tp: -tp.numel)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for_each_parallel(order, work, workers)
+    finally:
+        torch.set_num_threads(threads)

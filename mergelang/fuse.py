@@ -262,6 +262,13 @@ class Fuser:
                 ranks.setdefault(root, set()).add(max(1, len(tp.shape)))
         return cls(default_mode() if mode is None else mode, elements, {k: len(v) for k, v in ranks.items()})
 
+    def may_compile(self) -> bool:
+        """Whether some region of the plan might be compiled (an upper bound on the savings)."""
+        if self.mode != "auto":
+            return self.mode == "always"
+        cost = WARM_COMPILE_S + (0 if _compiled_in_process else STARTUP_S)
+        return any(n * len(region(root)) * SAVED_PER_ELEMENT_STEP_S > cost for root, n in self.elements.items())
+
     def worth(self, program: RegionProgram) -> bool:
         if self.mode == "always":
             return True

@@ -1,4 +1,5 @@
-"""Overlap reads, compute and writes: a read-ahead thread and a write-behind thread.
+"""Overlap reads, compute and writes: a read-ahead thread, a write-behind thread, and a pool of
+workers that evaluate whole tensors side by side.
 
 The executor's reads are mostly predictable: for every tensor, for every chunk, each load of
 the tensor's region in schedule order. The read-ahead thread issues them in that order into a
@@ -13,10 +14,11 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
+T = TypeVar("T")
 Request = tuple[str, str, int, int]  # (model, tensor, first element, end element)
 
 
@@ -145,3 +147,51 @@ class WriteBehind:
             self._closing = True
             self._cond.notify_all()
         self._thread.join()
+
+
+class Cancelled(Exception):
+    """Raised inside a worker whose pool is stopping (another worker failed, or Ctrl-C)."""
+
+
+def for_each_parallel(items: Iterable[T], work: Callable[[T, Callable[[], None]], None], workers: int) -> None:
+    """Call `work(item, check)` for every item on `workers` threads, each taking the next item when
+    it is done with one. `check()` raises Cancelled once the pool is stopping: work calls it between
+    steps so that a failure or Ctrl-C ends the others soon. The first error is re-raised here, after
+    every worker has stopped; the main thread only waits, so Ctrl-C reaches it."""
+    pending = iter(items)
+    lock = threading.Lock()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def check() -> None:
+        if stop.is_set():
+            raise Cancelled
+
+    def run() -> None:
+        try:
+            while not stop.is_set():
+                with lock:
+                    item = next(pending, None)
+                if item is None:
+                    return
+                work(item, check)
+        except Cancelled:
+            pass
+        except BaseException as e:
+            errors.append(e)
+            stop.set()
+
+    pool = [threading.Thread(target=run, daemon=True, name=f"mergelang-worker-{i}") for i in range(workers)]
+    try:
+        for t in pool:
+            t.start()
+        for t in pool:
+            while t.is_alive():
+                t.join(0.05)  # a timed wait, so a signal handler (Ctrl-C) runs in this thread
+    finally:
+        stop.set()
+        for t in pool:
+            if t.ident is not None:  # started (Ctrl-C may come while they are being started)
+                t.join()
+    if errors:
+        raise errors[0]

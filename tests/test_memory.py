@@ -5,11 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
 
-def peak_rss_of_run(folder, n_tensors: int) -> int:
+def peak_rss_of_run(folder, n_tensors: int, threads: str) -> int:
     for k, name in enumerate(("a", "b")):
         (folder / name).mkdir(parents=True)
         save_file({f"layers.{i}.w": torch.full((256, 1024), float(k + i)) for i in range(n_tensors)},
@@ -21,15 +22,16 @@ def peak_rss_of_run(folder, n_tensors: int) -> int:
               "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
               "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])")
     out = subprocess.run([sys.executable, "-c", script, "run", str(folder / "spec.ml"), "-o", str(folder / "out"),
-                          "-q"], capture_output=True, text=True, check=True)
+                          "-q", "-j", threads], capture_output=True, text=True, check=True)
     assert (folder / "out" / "model.safetensors").exists(), out.stderr
     return int(out.stdout.split()[-1]) * 1024  # kB
 
 
-def test_peak_memory_flat_in_number_of_tensors(tmp_path):
+@pytest.mark.parametrize("threads", ["1", "2"])  # one tensor at a time, and two side by side
+def test_peak_memory_flat_in_number_of_tensors(tmp_path, threads):
     # 1 MB tensors: 80 MB of inputs against 800 MB. Holding even a tenth of what was read or written
     # would add 100 MB; the read-ahead and write-behind queues are bounded at 16 MB each.
-    few = peak_rss_of_run(tmp_path / "few", 40)
-    many = peak_rss_of_run(tmp_path / "many", 400)
+    few = peak_rss_of_run(tmp_path / "few", 40, threads)
+    many = peak_rss_of_run(tmp_path / "many", 400, threads)
     assert many - few < 64 << 20, f"peak RSS grew by {(many - few) / 2**20:.0f} MiB with 10x the tensors"
     assert few > 50 << 20  # the measurement is real: the interpreter and torch alone take more

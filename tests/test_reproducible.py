@@ -43,14 +43,21 @@ def test_bytes_do_not_depend_on_threads_chunks_or_order(family, tmp_path):
             outs[f"-j {j}"] = digests(out)
     finally:
         torch.set_num_threads(threads)
-    # 7 rows of 32 at a time, and more rows; tensors last to first.
+    # 7 rows of 32 at a time, and more rows; tensors last to first, one at a time (in the order
+    # checked below) and two side by side (largest first, each finishing when it may).
     order: list[str] = []
-    for chunk in (224, 4096):
+    for chunk, j in ((224, 1), (4096, 2)):
         out = tmp_path / f"chunk{chunk}"
         order.clear()
-        run(spec, out, RunOptions(seed=11, shard_size=30_000, chunk=chunk, reverse=True),
-            lambda tp, n: order[-1:] == [tp.name] or order.append(tp.name))
-        outs[f"chunk {chunk}, reversed"] = digests(out)
+        try:
+            torch.set_num_threads(j)
+            run(spec, out, RunOptions(seed=11, shard_size=30_000, chunk=chunk, reverse=True),
+                lambda tp, n: order[-1:] == [tp.name] or order.append(tp.name))
+        finally:
+            torch.set_num_threads(threads)
+        outs[f"chunk {chunk}, reversed, -j {j}"] = digests(out)
+        if j == 1:
+            reversed_order = list(order)
     reference = outs["-j 1"]
     assert "README.md" in reference and "model.safetensors.index.json" in reference
     assert sum(name.endswith(".safetensors") for name in reference) > 1
@@ -59,9 +66,13 @@ def test_bytes_do_not_depend_on_threads_chunks_or_order(family, tmp_path):
 
     # The comparison can fail: another seed changes the shards and the card's record, not the config.
     forward: list[str] = []
-    run(spec, tmp_path / "seed12", RunOptions(seed=12, shard_size=30_000),
-        lambda tp, n: forward[-1:] == [tp.name] or forward.append(tp.name))
-    assert len(forward) > 10 and order == forward[::-1]
+    try:
+        torch.set_num_threads(1)
+        run(spec, tmp_path / "seed12", RunOptions(seed=12, shard_size=30_000),
+            lambda tp, n: forward[-1:] == [tp.name] or forward.append(tp.name))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(forward) > 10 and reversed_order == forward[::-1]
     other = digests(tmp_path / "seed12")
     assert other.keys() == reference.keys()
     assert other["README.md"] != reference["README.md"]

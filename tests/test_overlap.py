@@ -1,0 +1,74 @@
+"""The worker pool that evaluates tensors side by side: every item once, errors and cancellation."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from mergelang.execute import ExecOptions, workers_for
+from mergelang.fuse import Fuser
+from mergelang.overlap import Cancelled, for_each_parallel
+
+
+def test_every_item_once_on_several_threads():
+    seen: list[int] = []
+    names: set[str] = set()
+    both_running = threading.Barrier(2, timeout=10)  # fails unless two workers run at the same time
+    lock = threading.Lock()
+
+    def work(item, check):
+        if item < 2:
+            both_running.wait()
+        with lock:
+            seen.append(item)
+            names.add(threading.current_thread().name)
+
+    for_each_parallel(range(50), work, workers=2)
+    assert sorted(seen) == list(range(50))
+    assert len(names) == 2
+
+
+def test_first_error_is_raised_after_the_others_stop():
+    cancelled = threading.Event()
+    started = threading.Event()
+
+    def work(item, check):
+        if item == 0:  # a long item that polls check(), as the executor does between chunks
+            started.set()
+            deadline = time.monotonic() + 10
+            try:
+                while time.monotonic() < deadline:
+                    check()
+                    time.sleep(0.001)
+            except Cancelled:
+                cancelled.set()
+                raise
+            return
+        started.wait(10)
+        raise ValueError(f"item {item} failed")
+
+    with pytest.raises(ValueError, match="item 1 failed"):
+        for_each_parallel(range(5), work, workers=2)
+    assert cancelled.is_set()  # the long item was cancelled, and had ended when the error came out
+
+
+def test_one_worker_runs_in_order():
+    seen: list[int] = []
+    for_each_parallel(range(10), lambda item, check: seen.append(item), workers=1)
+    assert seen == list(range(10))
+
+
+def test_workers_follow_threads_device_and_compilation():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert workers_for(ExecOptions(), Fuser("never")) == 3
+        assert workers_for(ExecOptions(device="cuda"), Fuser("never")) == 1
+        assert workers_for(ExecOptions(), Fuser("always")) == 1  # compiled regions use every thread
+        torch.set_num_threads(1)
+        assert workers_for(ExecOptions(), Fuser("never")) == 1
+    finally:
+        torch.set_num_threads(threads)
