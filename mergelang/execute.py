@@ -20,6 +20,7 @@ import torch
 
 from .check import Plan, TensorPlan
 from .io import DTYPES, ShardedWriter
+from .io.torch_bin import BinCheckpoint
 from .overlap import ReadAhead, WriteBehind, for_each_parallel
 from .fuse import Fuser, default_mode
 from .graph import Node, walk
@@ -288,6 +289,9 @@ def execute(plan: Plan, writer: ShardedWriter, options: ExecOptions,
     whole_model = model_statistics(plan, options)
     fuser = Fuser.for_plan(plan, options.compile or default_mode())
     workers = workers_for(options, fuser)
+    for ckpt in plan.checkpoints.values():
+        if isinstance(ckpt, BinCheckpoint):  # one worker reads shards in order: one mapped is enough
+            ckpt.mapped_shards = 2 if workers > 1 else 1
     behind = WriteBehind(writer.write)
     try:
         if workers > 1:
@@ -328,11 +332,26 @@ def _execute_sequential(plan: Plan, behind: WriteBehind, options: ExecOptions, w
         ahead.close()
 
 
+def parallel_order(plan: Plan, options: ExecOptions) -> list[TensorPlan]:
+    """The largest tensors first, so that the last ones to finish are small; but tensors read from
+    `.bin` checkpoints by shard first, so that workers read the shards a checkpoint keeps mapped
+    (see io/torch_bin.py) instead of reloading one for every chunk."""
+    def key(tp: TensorPlan) -> tuple:
+        shards = []
+        for n in walk(tp.graph):
+            ckpt = plan.checkpoints[n.attr("model")] if n.op == "load" else None
+            if isinstance(ckpt, BinCheckpoint):
+                shards.append(ckpt.files.index(ckpt.tensors[n.attr("tensor") or tp.name].path))
+        return (*shards, -tp.numel)
+
+    return sorted(tensor_order(plan, options), key=key)
+
+
 def _execute_parallel(plan: Plan, behind: WriteBehind, options: ExecOptions, whole_model: dict,
                       workers: int, on_progress) -> None:
     """`workers` threads, each evaluating whole tensors with one torch thread and reading its own
-    chunks. The largest tensors go first, so that the last ones to finish are small. Every tensor's
-    bytes are computed as in the sequential order: chunks and reductions stay in order inside it."""
+    chunks, in `parallel_order`. Every tensor's bytes are computed as in the sequential order:
+    chunks and reductions stay in order inside it."""
     device = torch.device(options.device)
     lock = threading.Lock()
 
@@ -346,10 +365,9 @@ def _execute_parallel(plan: Plan, behind: WriteBehind, options: ExecOptions, who
         evaluator.cache.update(whole_model)
         _evaluate_into(evaluator, behind, progress if on_progress else None, check)
 
-    order = sorted(tensor_order(plan, options), key=lambda tp: -tp.numel)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for_each_parallel(order, work, workers)
+        for_each_parallel(parallel_order(plan, options), work, workers)
     finally:
         torch.set_num_threads(threads)

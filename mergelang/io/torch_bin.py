@@ -6,10 +6,11 @@ unpickles the state dict's structure and maps the tensor data from the file, so 
 reads the pickle, not the weights. A pickle that weights_only refuses (a global outside torch's
 allowlist, such as a class instance) is an error: there is no fallback to unrestricted unpickling.
 
-At most one shard of a checkpoint is loaded at a time: the header pass loads and drops each in
-turn, and a read of a tensor in another shard drops the loaded one first (under a lock, as the
-executor reads from two threads). Legacy `.bin` files (written before PyTorch 1.6, not zip
-archives) cannot be memory-mapped: they are loaded whole, still one shard at a time, so switching
+At most two shards of a checkpoint are mapped at a time (the header pass loads and drops each in
+turn): two, so that two workers on either side of a shard boundary do not reload a shard for every
+chunk (the executor sets one when a single thread evaluates the tensors in order). A read of a tensor in a third shard drops the one used least recently first (under a lock,
+as the executor reads from several threads). Legacy `.bin` files (written before PyTorch 1.6, not
+zip archives) cannot be memory-mapped: they are loaded whole, one shard at a time, so switching
 shards re-reads a whole file.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import pickle
 import re
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -108,11 +110,14 @@ def _tensor_infos(path: Path) -> dict[str, TensorInfo]:
 
 
 class BinCheckpoint(Checkpoint):
-    """A `.bin` checkpoint folder with Checkpoint's interface; holds at most one shard loaded."""
+    """A `.bin` checkpoint folder with Checkpoint's interface; holds at most two shards mapped, or
+    one legacy shard loaded."""
+
+    mapped_shards = 2  # memory-mapped shards kept at once (1 where a single thread reads in order)
 
     def __init__(self, path: Path, tensors: dict[str, TensorInfo], files: list[Path], config: dict | None = None):
         super().__init__(path, tensors, files, config)
-        self._loaded: tuple[Path, dict[str, torch.Tensor]] | None = None
+        self._loaded: OrderedDict[Path, tuple[bool, dict[str, torch.Tensor]]] = OrderedDict()  # path → (mapped, state)
         self._dense: tuple[str, torch.Tensor] | None = None  # the last non-contiguous tensor read, made dense
 
     @classmethod
@@ -158,13 +163,21 @@ class BinCheckpoint(Checkpoint):
         return self._dense[1]
 
     def _shard(self, path: Path) -> dict[str, torch.Tensor]:
-        """The state dict of shard `path`, loading it after dropping the one loaded before."""
-        if self._loaded is None or self._loaded[0] != path:
-            self._loaded = self._dense = None  # release the previous shard before mapping the next one
-            self._loaded = (path, load_state_dict(path))
-        return self._loaded[1]
+        """The state dict of shard `path`, loading it after dropping those it may not sit beside."""
+        if path in self._loaded:
+            self._loaded.move_to_end(path)
+            return self._loaded[path][1]
+        mapped = _is_zip(path)
+        limit = self.mapped_shards if mapped and all(m for m, _ in self._loaded.values()) else 1
+        while len(self._loaded) >= limit:  # release before mapping the next one
+            self._loaded.popitem(last=False)
+        self._dense = None
+        state = load_state_dict(path)
+        self._loaded[path] = (mapped, state)
+        return state
 
     def close(self) -> None:
-        """Drop the loaded shard (a later read loads it again)."""
+        """Drop the loaded shards (a later read loads them again)."""
         with self._lock:
-            self._loaded = self._dense = None
+            self._loaded.clear()
+            self._dense = None
