@@ -18,7 +18,9 @@ Whether compiling pays is decided per region (cost model in `Fuser.worth`): the 
 pushes through the region (summed over every output tensor whose graph has the same interned
 region) times the time saved per element, against a compile cost that is lower when this region's
 code was compiled before (inductor's FX graph cache keeps it on disk across processes; a marker
-file under the same cache directory records that). `auto` compiles only on the CPU: GPU code
+file under the same cache directory records that). A run compiles at all only when some region
+could repay a cold compile (`Fuser.may_compile`); below that, the executor runs tensors side by side
+on the CPU threads instead. `auto` compiles only on the CPU: GPU code
 (Triton) may contract multiplies and adds into FMAs, and is not verified here; `always` compiles
 there too.
 """
@@ -212,7 +214,12 @@ class RegionProgram:
         code = compile(self.source, f"<mergelang region {self.digest[:12]}>", "exec")
         exec(code, self.globals)
         self.function = self.globals["region"]
-        self.work = sum(s.node.op != "const" for s in steps)  # loads, leaves and ops: passes eager makes
+        self.work = work(steps)
+
+
+def work(steps: tuple[Step, ...]) -> int:
+    """The passes eager evaluation makes over a chunk of the region: loads, leaves and ops."""
+    return sum(s.node.op != "const" for s in steps)
 
 
 def fusable(steps: tuple[Step, ...]) -> bool:
@@ -249,6 +256,7 @@ class Fuser:
         self.variants = variants or {}  # region root → how many compiles its tensors need (one per rank)
         self.programs: dict[tuple, object] = {}  # (region, output dtype) → compiled callable, or None
         self.compile_seconds = 0.0
+        self._may_compile: bool | None = None
 
     @classmethod
     def for_plan(cls, plan, mode: str | None = None) -> "Fuser":
@@ -263,11 +271,17 @@ class Fuser:
         return cls(default_mode() if mode is None else mode, elements, {k: len(v) for k, v in ranks.items()})
 
     def may_compile(self) -> bool:
-        """Whether some region of the plan might be compiled (an upper bound on the savings)."""
+        """Whether this run may compile a region. In auto mode: whether some region could repay a cold
+        compile, counting every step of its whole region (more than it keeps once the inputs of its
+        reductions are kept whole). Where none could, nothing is compiled and the executor evaluates
+        tensors side by side instead (execute.workers_for)."""
         if self.mode != "auto":
             return self.mode == "always"
-        cost = WARM_COMPILE_S + (0 if _compiled_in_process else STARTUP_S)
-        return any(n * len(region(root)) * SAVED_PER_ELEMENT_STEP_S > cost for root, n in self.elements.items())
+        if self._may_compile is None:
+            cost = COLD_COMPILE_S + (0 if _compiled_in_process else STARTUP_S)
+            self._may_compile = any(n * work(region(root)) * SAVED_PER_ELEMENT_STEP_S > cost
+                                    for root, n in self.elements.items())
+        return self._may_compile
 
     def worth(self, program: RegionProgram) -> bool:
         if self.mode == "always":
@@ -285,7 +299,7 @@ class Fuser:
         if (steps, out_dtype) in self.programs:
             return self.programs[steps, out_dtype]
         compiled = None
-        if self.mode != "never" and fusable(steps):
+        if self.may_compile() and fusable(steps):
             try:
                 program = RegionProgram(steps, out_dtype)
             except Exception as error:  # a parameter slot fed by a non-constant: stays eager

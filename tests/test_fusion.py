@@ -234,6 +234,24 @@ def test_cost_model_compiles_only_when_the_elements_pay(tmp_path, monkeypatch):
     assert fuse.Fuser("always", {}).worth(program) and not fuse.Fuser("never", {graph: 1 << 40}).worth(program)
 
 
+def test_a_run_compiles_only_where_some_region_repays_a_cold_compile(tmp_path, monkeypatch):
+    """Below that, nothing compiles (not even a region in the cache) and tensors run side by side."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(fuse, "_compiled_in_process", True)
+    graph = Node("add", [L("a"), L("b")])
+    program = fuse.RegionProgram(region(graph))
+    cold = math.ceil(fuse.COLD_COMPILE_S / (3 * fuse.SAVED_PER_ELEMENT_STEP_S))
+    fuse._marker(program.digest).parent.mkdir(parents=True)
+    fuse._marker(program.digest).touch()
+    small = fuse.Fuser("auto", {graph: cold - 1})
+    assert small.worth(program) and not small.may_compile()  # a cached compile would pay, but the run stays eager
+    assert small.program(region(graph)) is None
+    assert fuse.Fuser("auto", {graph: cold + 1}).may_compile()
+    monkeypatch.setattr(fuse, "_compiled_in_process", False)
+    assert not fuse.Fuser("auto", {graph: cold + 1}).may_compile()  # importing dynamo costs too
+    assert fuse.Fuser("always", {}).may_compile() and not fuse.Fuser("never", {graph: 1 << 40}).may_compile()
+
+
 def test_compile_mode_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv(fuse.ENV, "always")
     assert fuse.default_mode() == "always"
