@@ -1,4 +1,4 @@
-"""PyTorch `.bin` checkpoints, read through `torch.load(weights_only=True)`, one shard at a time.
+"""PyTorch `.bin` checkpoints, read through `torch.load(weights_only=True)`, a shard or two at a time.
 
 A folder holds `pytorch_model.bin`, or shards `pytorch_model-0000k-of-0000N.bin` listed by
 `pytorch_model.bin.index.json` (its weight_map). `torch.load(..., weights_only=True, mmap=True)`
@@ -8,10 +8,11 @@ allowlist, such as a class instance) is an error: there is no fallback to unrest
 
 At most two shards of a checkpoint are mapped at a time (the header pass loads and drops each in
 turn): two, so that two workers on either side of a shard boundary do not reload a shard for every
-chunk (the executor sets one when a single thread evaluates the tensors in order). A read of a tensor in a third shard drops the one used least recently first (under a lock,
-as the executor reads from several threads). Legacy `.bin` files (written before PyTorch 1.6, not
-zip archives) cannot be memory-mapped: they are loaded whole, one shard at a time, so switching
-shards re-reads a whole file.
+chunk; the executor sets one when a single thread evaluates the tensors in order. A read of a
+tensor in another shard drops the one used least recently first (under a lock, as the executor
+reads from several threads). Legacy `.bin` files (written before PyTorch 1.6, not zip archives)
+cannot be memory-mapped: they are loaded whole, one shard at a time, so switching shards re-reads
+a whole file.
 """
 
 from __future__ import annotations
