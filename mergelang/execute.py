@@ -56,6 +56,7 @@ class TensorEvaluator:
 
     fuser: Fuser | None = None  # compiled regions (execute sets it)
     out_dtype: torch.dtype | None = None  # compiled output regions may return chunks in this dtype
+    keep_loads = False  # keep inputs that several regions read whole (needs read.raw; see load_rows)
 
     def __init__(self, tp: TensorPlan, read: Reader, options: ExecOptions):
         self.tp, self.read, self.options = tp, read, options
@@ -65,6 +66,8 @@ class TensorEvaluator:
         self.row_size = math.prod(self.shape[1:])
         self.cache: dict[Node, torch.Tensor] = {}
         self.cached_bytes = 0
+        self.loads: dict[Node, torch.Tensor] = {}  # load → the whole input, as stored
+        self._shared: frozenset[Node] | None = None
 
     def chunks(self, first: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
         end = self.rows if end is None else end
@@ -94,7 +97,7 @@ class TensorEvaluator:
             if n.op == "const":
                 values[i] = n.attr("value")
             elif n.op == "load":
-                values[i] = self.read(n.attr("model"), r0, r1, n.attr("tensor"))
+                values[i] = self.load_rows(n, r0, r1)
             elif not step.inputs:  # a reduction, a tensor op, or a value kept whole
                 full = self.full(n)
                 values[i] = full if full.dim() == 0 else full[r0:r1]
@@ -103,6 +106,35 @@ class TensorEvaluator:
             for j in step.free:
                 del values[j]
         return values[len(steps) - 1]
+
+    def shared_loads(self) -> frozenset[Node]:
+        """The loads that more than one region of this tensor reads: the output's region and the
+        regions under the inputs of its reductions and tensor ops (ties' base, read again for every
+        fine-tune's delta)."""
+        if self._shared is None:
+            roots = [self.tp.graph] + [a for n in walk(self.tp.graph) if n.op in OPS and OPS[n.op].kind != "elementwise"
+                                       for a in n.args if a.op != "const"]
+            count: dict[Node, int] = {}
+            for root in dict.fromkeys(roots):
+                for step in region(root):
+                    if step.node.op == "load":
+                        count[step.node] = count.get(step.node, 0) + 1
+            self._shared = frozenset(n for n, k in count.items() if k > 1)
+        return self._shared
+
+    def load_rows(self, node: Node, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) of an input, as float32. With keep_loads, an input that several regions read
+        is read once, whole and as stored, when it fits the budget, and sliced after that."""
+        model, tensor = node.attr("model"), node.attr("tensor")
+        whole = self.loads.get(node)
+        if whole is None and self.keep_loads and node in self.shared_loads():
+            nbytes = self.rows * self.row_size * self.read.itemsize(model, tensor)
+            if self.cached_bytes + nbytes <= MATERIALIZE_BYTES:
+                whole = self.loads[node] = self.read.raw(model, 0, self.rows, tensor)
+                self.cached_bytes += whole.numel() * whole.element_size()
+        if whole is None:
+            return self.read(model, r0, r1, tensor)
+        return whole[r0:r1].to(torch.float32)
 
     def apply(self, node: Node, args: list, ctx: KernelContext):
         spec = OPS[node.op]
@@ -233,7 +265,11 @@ def _reader(plan: Plan, tp: TensorPlan, evaluator: "TensorEvaluator", device: to
             raw = raw.pin_memory()
         return raw.to(device=device, non_blocking=pin).view((r1 - r0,) + rest)
 
-    read.raw = read_as_stored
+    def itemsize(model: str, tensor: str | None = None) -> int:
+        """Bytes per element of the tensor as the checkpoint stores it."""
+        return DTYPES[plan.checkpoints[model].tensors[tensor or tp.name].dtype].itemsize
+
+    read.raw, read.itemsize = read_as_stored, itemsize
     return read
 
 
@@ -362,6 +398,7 @@ def _execute_parallel(plan: Plan, behind: WriteBehind, options: ExecOptions, who
     def work(tp: TensorPlan, check: Callable[[], None]) -> None:
         evaluator = TensorEvaluator(tp, None, options)
         evaluator.read = _reader(plan, tp, evaluator, device, lambda m, t, a, b: plan.checkpoints[m].read(t, a, b))
+        evaluator.keep_loads = True  # no read-ahead here to predict chunk reads
         evaluator.cache.update(whole_model)
         _evaluate_into(evaluator, behind, progress if on_progress else None, check)
 

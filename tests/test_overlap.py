@@ -72,3 +72,41 @@ def test_workers_follow_threads_device_and_compilation():
         assert workers_for(ExecOptions(), Fuser("never")) == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_workers_read_an_input_that_several_regions_share_once(family, tmp_path, monkeypatch):
+    """ties reads base for every fine-tune's delta and again for the output: side by side, each
+    worker keeps it whole (as stored) and reads it once per tensor; the bytes stay those of -j 1."""
+    from collections import Counter
+
+    from conftest import write_spec
+    from mergelang.api import RunOptions, run
+    from mergelang.io import Checkpoint
+
+    spec = write_spec(tmp_path, f'base = model("{family / "base"}")\nft0 = model("{family / "ft0"}")\n'
+                                f'ft1 = model("{family / "ft1"}")\n'
+                                "output ties(base, [ft0, ft1], weights=[0.6, 0.4], density=0.5)\n")
+    read = Checkpoint.read
+    counted: Counter = Counter()
+
+    def counting(self, name, start=0, stop=None):
+        data = read(self, name, start, stop)
+        counted[self.path.name] += data.numel() * data.element_size()
+        return data
+
+    monkeypatch.setattr(Checkpoint, "read", counting)
+    threads = torch.get_num_threads()
+    outputs, reads = [], []
+    try:
+        for j in (1, 2):
+            torch.set_num_threads(j)
+            counted.clear()
+            outputs.append(run(spec, tmp_path / f"j{j}", RunOptions(chunk=512)))
+            reads.append(dict(counted))
+    finally:
+        torch.set_num_threads(threads)
+    size = sum(info.nbytes for info in Checkpoint.open(family / "base").tensors.values())
+    assert reads[0]["base"] > 2 * size  # one tensor at a time: read for each region
+    assert reads[1]["base"] == size  # side by side: once
+    assert reads[1]["ft0"] == reads[1]["ft1"] == size
+    assert (outputs[0] / "model.safetensors").read_bytes() == (outputs[1] / "model.safetensors").read_bytes()
