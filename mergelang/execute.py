@@ -57,6 +57,7 @@ class TensorEvaluator:
     fuser: Fuser | None = None  # compiled regions (execute sets it)
     out_dtype: torch.dtype | None = None  # compiled output regions may return chunks in this dtype
     keep_loads = False  # keep inputs that several regions read whole (needs read.raw; see load_rows)
+    budget = MATERIALIZE_BYTES  # bytes of whole values kept for this tensor (workers side by side share it)
 
     def __init__(self, tp: TensorPlan, read: Reader, options: ExecOptions):
         self.tp, self.read, self.options = tp, read, options
@@ -85,7 +86,7 @@ class TensorEvaluator:
 
     def rows_of(self, node: Node, r0: int, r1: int):
         """Rows [r0, r1) of the value of node (computing it, or slicing a cached value)."""
-        steps = region(node, frozenset(self.cache))
+        steps = self.region_of(node)
         if self.fuser is not None:
             fused = self.fuser.rows_of(self, steps, r0, r1)
             if fused is not None:
@@ -107,16 +108,32 @@ class TensorEvaluator:
                 del values[j]
         return values[len(steps) - 1]
 
+    def region_of(self, node: Node):
+        """node's region over this tensor's cached values, with its reductions and tensor ops computed
+        first: keeping their inputs whole makes those leaves of the region, so not even the first
+        chunk reads the inputs below them again."""
+        steps = region(node, frozenset(self.cache))
+        while True:
+            cached = len(self.cache)
+            for s in steps:
+                if not s.inputs and s.node.op not in ("const", "load"):
+                    self.full(s.node)
+            if len(self.cache) == cached:
+                return steps
+            steps = region(node, frozenset(self.cache))
+
     def shared_loads(self) -> frozenset[Node]:
         """The loads that more than one region of this tensor reads: the output's region and the
         regions under the inputs of its reductions and tensor ops (ties' base, read again for every
         fine-tune's delta)."""
         if self._shared is None:
-            roots = [self.tp.graph] + [a for n in walk(self.tp.graph) if n.op in OPS and OPS[n.op].kind != "elementwise"
-                                       for a in n.args if a.op != "const"]
+            ops = [n for n in walk(self.tp.graph) if n.op in OPS and OPS[n.op].kind != "elementwise"]
+            # the inputs of reductions are kept whole (keep_whole): regions above them stop there
+            kept = frozenset(a for n in ops if OPS[n.op].kind != "tensor" for a in n.args if not is_leaf(a))
+            roots = [self.tp.graph] + [a for n in ops for a in n.args if a.op != "const"]
             count: dict[Node, int] = {}
             for root in dict.fromkeys(roots):
-                for step in region(root):
+                for step in region(root, kept - {root}):
                     if step.node.op == "load":
                         count[step.node] = count.get(step.node, 0) + 1
             self._shared = frozenset(n for n, k in count.items() if k > 1)
@@ -129,7 +146,7 @@ class TensorEvaluator:
         whole = self.loads.get(node)
         if whole is None and self.keep_loads and node in self.shared_loads():
             nbytes = self.rows * self.row_size * self.read.itemsize(model, tensor)
-            if self.cached_bytes + nbytes <= MATERIALIZE_BYTES:
+            if self.cached_bytes + nbytes <= self.budget:
                 whole = self.loads[node] = self.read.raw(model, 0, self.rows, tensor)
                 self.cached_bytes += whole.numel() * whole.element_size()
         if whole is None:
@@ -179,7 +196,7 @@ class TensorEvaluator:
         if node in self.cache or is_leaf(node):
             return
         nbytes = self.rows * self.row_size * 4
-        if self.cached_bytes + nbytes > MATERIALIZE_BYTES:
+        if self.cached_bytes + nbytes > self.budget:
             return
         whole = torch.empty(self.shape, dtype=torch.float32, device=self.device)
         for r0, r1 in self.chunks():
@@ -399,6 +416,7 @@ def _execute_parallel(plan: Plan, behind: WriteBehind, options: ExecOptions, who
         evaluator = TensorEvaluator(tp, None, options)
         evaluator.read = _reader(plan, tp, evaluator, device, lambda m, t, a, b: plan.checkpoints[m].read(t, a, b))
         evaluator.keep_loads = True  # no read-ahead here to predict chunk reads
+        evaluator.budget = MATERIALIZE_BYTES // workers
         evaluator.cache.update(whole_model)
         _evaluate_into(evaluator, behind, progress if on_progress else None, check)
 

@@ -311,17 +311,10 @@ class Fuser:
         return compiled
 
     def rows_of(self, evaluator, steps: tuple[Step, ...], r0: int, r1: int):
-        """Rows [r0, r1) of the region's root, or None where this region stays eager."""
+        """Rows [r0, r1) of the region's root, or None where this region stays eager. `steps` is the
+        region as evaluator.region_of gives it: its reductions already computed."""
         if self.mode == "never" or (self.mode == "auto" and evaluator.device.type != "cpu"):
             return None  # bit-identity is verified for inductor's C++ code; on GPUs only when asked
-        while True:  # reductions first: keeping their inputs whole makes those leaves of the region
-            cached = len(evaluator.cache)
-            for s in steps:
-                if not s.inputs and s.node.op not in ("const", "load"):
-                    evaluator.full(s.node)
-            if len(evaluator.cache) == cached:
-                break
-            steps = region(steps[-1].node, frozenset(evaluator.cache))
         root = steps[-1].node is evaluator.tp.graph  # the output: convert to its dtype in the loop
         compiled = self.program(steps, getattr(evaluator, "out_dtype", None) if root else None)
         if compiled is None:
