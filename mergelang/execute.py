@@ -123,9 +123,9 @@ class TensorEvaluator:
             steps = region(node, frozenset(self.cache))
 
     def shared_loads(self) -> frozenset[Node]:
-        """The loads that more than one region of this tensor reads: the output's region and the
-        regions under the inputs of its reductions and tensor ops (ties' base, read again for every
-        fine-tune's delta)."""
+        """The loads that more than one region of this tensor reads (ties' base, read for every
+        fine-tune's delta and again for the output): the output's region and the regions under the
+        inputs of its reductions and tensor ops, each stopping where a reduction's input is kept whole."""
         if self._shared is None:
             ops = [n for n in walk(self.tp.graph) if n.op in OPS and OPS[n.op].kind != "elementwise"]
             # the inputs of reductions are kept whole (keep_whole): regions above them stop there
