@@ -69,6 +69,7 @@ class TensorEvaluator:
         self.cached_bytes = 0
         self.loads: dict[Node, torch.Tensor] = {}  # load → the whole input, as stored
         self._shared: frozenset[Node] | None = None
+        self._consumers: dict[Node, list[Node]] | None = None
 
     def chunks(self, first: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
         end = self.rows if end is None else end
@@ -169,8 +170,7 @@ class TensorEvaluator:
         inputs, constants = node.args[:n_in], [a.attr("value") for a in node.args[n_in:]]
         if spec.kind in ("reduce", "model"):
             _, params = spec.bind([None] * n_in + constants)
-            for a in inputs:
-                self.keep_whole(a)
+            self.keep_inputs(node, inputs)
             # A model statistic not computed beforehand (evaluating one tensor alone) covers this tensor.
             size = self.shape if spec.kind == "reduce" else self.rows * self.row_size
             reducer = spec.kernel(self.context(0), size, **params)
@@ -189,6 +189,25 @@ class TensorEvaluator:
             value = self.apply(node, args + constants, self.context(0))
         self.cache[node] = value
         return value
+
+    def keep_inputs(self, node: Node, inputs) -> None:
+        """Keep the inputs of reduction `node` whole (keep_whole). An input that another input is
+        computed from comes after it, and is not kept when every consumer of it but `node` is kept
+        by then: l1_ratio(x, keep_random(x)) keeps the mask's result, and its one pass recomputes x
+        (a subtraction), leaving the budget to values that other regions read."""
+        below = {a: any(a in {s.node for s in region(b)} for b in inputs if b is not a) for a in inputs}
+        for a in sorted(inputs, key=below.__getitem__):  # stable: inputs others are computed from last
+            if not (below[a] and all(c is node or c in self.cache for c in self.consumers().get(a, ()))):
+                self.keep_whole(a)
+
+    def consumers(self) -> dict[Node, list[Node]]:
+        """Node → the nodes of this tensor's graph that take it as an argument."""
+        if self._consumers is None:
+            self._consumers = {}
+            for n in walk(self.tp.graph):
+                for a in dict.fromkeys(n.args):
+                    self._consumers.setdefault(a, []).append(n)
+        return self._consumers
 
     def keep_whole(self, node: Node) -> None:
         """Compute an elementwise value once, chunk by chunk, into a whole tensor that later passes

@@ -35,3 +35,35 @@ def test_peak_memory_flat_in_number_of_tensors(tmp_path, threads):
     many = peak_rss_of_run(tmp_path / "many", 400, threads)
     assert many - few < 64 << 20, f"peak RSS grew by {(many - few) / 2**20:.0f} MiB with 10x the tensors"
     assert few > 50 << 20  # the measurement is real: the interpreter and torch alone take more
+
+
+def test_a_reduction_keeps_the_input_others_read_and_recomputes_the_one_below_it():
+    """l1_ratio(x, keep_random(x)) as dare_linear uses it: the mask's result is kept whole (the output
+    reads it), x is recomputed in the one pass; the values are those of an evaluation that keeps nothing."""
+    from test_fusion import L, _data, same_bits
+
+    from mergelang.check import TensorPlan
+    from mergelang.execute import ExecOptions, TensorEvaluator
+    from mergelang.graph import Node, const, with_random_key
+
+    x = Node("sub", [L("a"), L("b")])
+    y = with_random_key(Node("keep_random", [x, const(0.3), const(0)]))
+    ratio = Node("l1_ratio", [x, y])
+    graph = Node("mul", [y, ratio])
+    shape = (64, 48)
+    data = _data(shape)
+
+    def evaluator(budget: int) -> TensorEvaluator:
+        ev = TensorEvaluator(TensorPlan("w", graph, shape, "F32"), None, ExecOptions(seed=9, chunk=256))
+        ev.read = lambda m, r0, r1, tensor=None: data[m][r0:r1].to(torch.float32)
+        ev.budget = budget
+        ev.full(ratio)
+        return ev
+
+    def values(ev: TensorEvaluator) -> torch.Tensor:
+        return torch.cat([ev._as_tensor(ev.rows_of(graph, r0, r1), r1 - r0) for r0, r1 in ev.chunks()])
+
+    kept, none = evaluator(1 << 30), evaluator(0)
+    assert y in kept.cache and x not in kept.cache
+    assert y not in none.cache  # the reference keeps nothing whole: every pass recomputes from the loads
+    assert same_bits(values(kept), values(none)) and values(kept).count_nonzero() > 0
