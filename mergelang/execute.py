@@ -126,7 +126,10 @@ class TensorEvaluator:
     def shared_loads(self) -> frozenset[Node]:
         """The loads that more than one region of this tensor reads (ties' base, read for every
         fine-tune's delta and again for the output): the output's region and the regions under the
-        inputs of its reductions and tensor ops, each stopping where a reduction's input is kept whole."""
+        inputs of its reductions and tensor ops, each stopping at every reduction input. That counts
+        an input below one that keep_inputs leaves out (x in l1_ratio(x, keep_random(x))) once,
+        though its pass reads it again: kept whole, it would take the budget from the mask's result,
+        which costs more to recompute."""
         if self._shared is None:
             ops = [n for n in walk(self.tp.graph) if n.op in OPS and OPS[n.op].kind != "elementwise"]
             # the inputs of reductions are kept whole (keep_whole): regions above them stop there
