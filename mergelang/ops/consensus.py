@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from . import native
 from .fast import zero_unless, zero_unless_each
 from .registry import KernelContext, Param, op
 
@@ -72,6 +73,9 @@ def disjoint_merge(ctx: KernelContext, *xs, weights: list[float], normalize: boo
     result is Σ dᵢ over the i with sign(dᵢ) = s (zeros never agree), divided, when normalize, by the
     sum of those i's weights wᵢ (1 where none agree). With weights all 1 this is the paper's
     disjoint mean."""
+    merged = native.disjoint_merge(xs, weights, normalize, consensus_method == "count")
+    if merged is not None:
+        return merged
     d = [x * w for x, w in zip(xs, weights)]
     if consensus_method == "sum":
         score = d[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .. import rng
+from . import native
 from .fast import zero_unless
 from .registry import SEED, KernelContext, Param, in_range, op
 
@@ -72,5 +73,9 @@ def dare(ctx: KernelContext, x, *, p: float, seed: int):
     this expression's structure including `seed`, element index)."""
     if p == 0:
         return x
+    scaled = x / (1.0 - p)
+    kept = native.keep_random(scaled, ctx.key, ctx.start, 1.0 - p)
+    if kept is not None:
+        return kept
     keep = rng.keep_mask(ctx.key, ctx.start, x.numel(), 1.0 - p, device=x.device).view(x.shape)
-    return zero_unless(keep, x / (1.0 - p))
+    return zero_unless(keep, scaled)

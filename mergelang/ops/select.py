@@ -32,6 +32,7 @@ import math
 
 import torch
 
+from . import native
 from .registry import KernelContext, Param, in_range, op
 
 HIGH_BITS = 16  # bins of the first pass: 2**16
@@ -62,6 +63,18 @@ def low_histogram(bits: torch.Tensor, high: int) -> torch.Tensor:
     bits -= (high << LOW_BITS) - 1  # no overflow: bits <= 2**31 - 1 and high << LOW_BITS >= 0
     bits.clamp_(0, (1 << LOW_BITS) + 1)
     return torch.bincount(bits, minlength=(1 << LOW_BITS) + 2)[1:-1]
+
+
+def add_high_histogram(hist: torch.Tensor, x: torch.Tensor) -> None:
+    """hist (2**HIGH_BITS int64) += the histogram of the top HIGH_BITS of x's magnitude bits."""
+    if not native.high_histogram(x, hist, LOW_BITS):
+        hist += high_histogram(magnitude_bits(x))
+
+
+def add_low_histogram(hist: torch.Tensor, x: torch.Tensor, high: int) -> None:
+    """hist (2**LOW_BITS int64) += low_histogram of x's magnitude bits for the bin `high`."""
+    if not native.low_histogram(x, hist, high, LOW_BITS):
+        hist += low_histogram(magnitude_bits(x), high)
 
 
 def rank_keys(x: torch.Tensor, start: int) -> torch.Tensor:
@@ -109,6 +122,9 @@ def keep_top_values(x: torch.Tensor, start: int, cutoff: int) -> torch.Tensor | 
         return None
     if t > 0x7FFFFFFF:
         return None
+    kept = native.keep_at_least(x, t)
+    if kept is not None:
+        return kept
     xbits = x.reshape(-1).view(torch.int32)
     m = xbits & 0x7FFFFFFF
     m -= t  # no overflow: both are in [0, 2**31)
@@ -163,13 +179,12 @@ class RankCutoff:
             start, self.seen = self.seen, self.seen + x.numel()
             if self.tie <= 0:
                 return  # found in an earlier chunk
-        bits = magnitude_bits(x)
         if pass_ == 0:
-            self.hist += high_histogram(bits)
+            add_high_histogram(self.hist, x)
         elif pass_ == 1:
-            self.hist += low_histogram(bits, self.high)
+            add_low_histogram(self.hist, x, self.high)
         else:
-            ties = bits == self.bits
+            ties = magnitude_bits(x) == self.bits
             count = int(ties.sum().item())
             if count >= self.tie:
                 index = start + int(torch.nonzero(ties)[self.tie - 1].item())
@@ -315,11 +330,10 @@ class ModelMagnitudeThreshold:
     def update(self, pass_: int, x: torch.Tensor) -> None:
         if self.k == 0 or x.numel() == 0:
             return
-        bits = magnitude_bits(x)
         if pass_ == 0:
-            self.hist += high_histogram(bits)
+            add_high_histogram(self.hist, x)
         else:
-            self.hist += low_histogram(bits, self.high)
+            add_low_histogram(self.hist, x, self.high)
 
     def end_pass(self, pass_: int) -> bool:
         if self.k == 0:

@@ -18,7 +18,7 @@ import math
 import torch
 
 from .. import rng
-from . import select  # also registers topk_cutoff and band_cutoff
+from . import native, select  # select also registers topk_cutoff and band_cutoff
 from .fast import zero_unless
 from .registry import SEED, KernelContext, Param, in_range, op
 
@@ -69,6 +69,9 @@ def keep_random(ctx: KernelContext, x, *, density: float, seed: int):
     DARE paper's form, which rescales the survivors by 1/(1-p)."""
     if density >= 1:
         return x
+    kept = native.keep_random(x, ctx.key, ctx.start, density)
+    if kept is not None:
+        return kept
     keep = rng.keep_mask(ctx.key, ctx.start, x.numel(), density, device=x.device).view(x.shape)
     return zero_unless(keep, x)
 

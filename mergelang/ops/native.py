@@ -1,0 +1,128 @@
+"""Single-pass CPU loops (numba) for the hottest kernels: the random mask and the top-k radix select.
+
+In eager torch the random mask is a dozen passes over its chunk (rng.py) and a top-k histogram three
+or four; memory traffic, not arithmetic, sets their speed. Compiled once per machine by numba (its
+on-disk cache keeps the machine code across runs), each of these loops reads its input once.
+
+Every loop computes exactly what the torch code it replaces computes, with integer arithmetic only: a
+kept entry's float bits are copied, never computed (NaNs, infinities and signed zeros included). So
+the output does not depend on whether they run; tests/test_native.py compares each with the torch
+path. They apply to contiguous float32 CPU tensors; anything else (a GPU, another dtype, numba
+missing, or MERGELANG_NATIVE=0) takes the torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+from .. import rng
+
+log = logging.getLogger(__name__)
+
+ENV = "MERGELANG_NATIVE"
+MASK32 = 0xFFFFFFFF
+# Smaller chunks take the torch path: a run on tiny tensors would not repay importing numba and
+# loading the loops (about 0.6 s, more the first time they are compiled on a machine).
+MIN_ELEMENTS = 1 << 16
+
+
+def _loops():
+    """The compiled loops, or None where numba is unavailable or turned off."""
+    return None if os.environ.get(ENV, "1") == "0" else _import()
+
+
+@functools.cache
+def _import():
+    try:
+        import numpy as np
+
+        from . import native_loops
+    except ImportError as error:
+        log.info("numba is not importable (%s): the torch kernels run instead", error)
+        return None
+    names = ("select_random", "high_histogram", "low_histogram", "keep_at_least", "disjoint_merge")
+    return {"np": np, **{name: getattr(native_loops, name) for name in names}}
+
+
+def _fits(x: torch.Tensor) -> bool:
+    return (x.numel() >= MIN_ELEMENTS and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.is_contiguous())
+
+
+def _bits(x: torch.Tensor, np):
+    return x.reshape(-1).view(torch.int32).numpy().view(np.uint32)
+
+
+def keep_random(x: torch.Tensor, key: int, start: int, keep_probability: float) -> torch.Tensor | None:
+    """zero_unless(rng.keep_mask(key, start, x.numel(), keep_probability), x) in one pass; None where
+    this loop does not apply."""
+    loops = _loops() if _fits(x) else None
+    if loops is None:
+        return None
+    np = loops["np"]
+    limit = np.uint64(rng.threshold(keep_probability))
+    out = torch.empty_like(x)
+    xbits, obits = _bits(x, np), _bits(out, np)
+    pos, end = start, start + x.numel()
+    while pos < end:  # segments that share an index's high 32 bits (one pair of round keys)
+        stop = min(end, ((pos >> 32) + 1) << 32)
+        k0, k1 = rng._round_keys(key, pos >> 32)
+        a, b = pos - start, stop - start
+        loops["select_random"](xbits[a:b], obits[a:b], np.uint64(pos & MASK32), np.uint64(k0), np.uint64(k1), limit)
+        pos = stop
+    return out
+
+
+def high_histogram(x: torch.Tensor, hist: torch.Tensor, low_bits: int) -> bool:
+    """hist += the histogram of the magnitude bits of x shifted right by low_bits; False where this
+    loop does not apply (nothing added)."""
+    loops = _loops() if _fits(x) and hist.dtype == torch.int64 and hist.is_contiguous() else None
+    if loops is None:
+        return False
+    np = loops["np"]
+    loops["high_histogram"](_bits(x, np), hist.numpy(), np.uint32(low_bits))
+    return True
+
+
+def low_histogram(x: torch.Tensor, hist: torch.Tensor, high: int, low_bits: int) -> bool:
+    """hist += the histogram of the low `low_bits` magnitude bits of the entries of x whose high
+    bits are `high`; False where this loop does not apply (nothing added)."""
+    loops = _loops() if _fits(x) and hist.dtype == torch.int64 and hist.is_contiguous() else None
+    if loops is None:
+        return False
+    np = loops["np"]
+    loops["low_histogram"](_bits(x, np), hist.numpy(), np.uint32(high), np.uint32(low_bits),
+                           np.uint32((1 << low_bits) - 1))
+    return True
+
+
+def keep_at_least(x: torch.Tensor, t: int) -> torch.Tensor | None:
+    """x where its magnitude bits are >= t (0 <= t < 2**31), +0.0 elsewhere; None where this loop
+    does not apply."""
+    loops = _loops() if _fits(x) else None
+    if loops is None:
+        return None
+    np = loops["np"]
+    out = torch.empty_like(x)
+    loops["keep_at_least"](_bits(x, np), _bits(out, np), np.uint32(t))
+    return out
+
+
+def disjoint_merge(xs, weights: list[float], normalize: bool, by_count: bool) -> torch.Tensor | None:
+    """consensus.disjoint_merge over chunks of one shape; None where this loop does not apply."""
+    x0 = xs[0]
+    fits = torch.is_tensor(x0) and _fits(x0) and all(
+        torch.is_tensor(x) and x.shape == x0.shape and _fits(x) for x in xs)
+    loops = _loops() if fits else None
+    if loops is None:
+        return None
+    np = loops["np"]
+    out = torch.empty_like(x0)
+    arrays = tuple(x.reshape(-1).numpy() for x in xs)
+    ws = np.array(weights, dtype=np.float32)  # what torch multiplies a float32 tensor by
+    loops["disjoint_merge"](arrays, ws, out.reshape(-1).numpy(), normalize, by_count)
+    return out

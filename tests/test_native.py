@@ -1,0 +1,160 @@
+"""The numba loops (ops/native.py) against the torch code they replace: the same bits, entry by entry,
+and the same output files for whole merges."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_spec
+from mergelang import rng
+from mergelang.api import RunOptions, run
+from mergelang.ops import OPS, KernelContext, native
+from mergelang.ops import select as S
+from mergelang.ops.fast import zero_unless
+
+N = 3 * native.MIN_ELEMENTS + 17  # long enough for the loops, and not a round number
+
+
+@pytest.fixture(autouse=True)
+def _native_on(monkeypatch):
+    monkeypatch.delenv(native.ENV, raising=False)
+    assert native._loops() is not None, "numba is a dependency: the loops must be available"
+
+
+def awkward(n: int = N, seed: int = 0) -> torch.Tensor:
+    """Deltas with zeros of both signs, NaNs, infinities, subnormals and repeated magnitudes."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 0.005
+    x[::97] = 0.0
+    x[1::101] = -0.0
+    x[2::1009] = float("nan")
+    x[3::2003] = float("inf")
+    x[4::3001] = -float("inf")
+    x[5::499] = 1e-40
+    x[6::53] = x[6]  # a magnitude shared by many entries
+    x[7::59] = -x[6]
+    return x
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int32)
+
+
+@pytest.mark.parametrize("start", [0, 12345, (1 << 32) - 5000, (7 << 32) + 3])
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.999999, 1e-12])
+def test_keep_random_matches_rng(start, density):
+    x = awkward()
+    key = rng.derive_key(3, "model.layers.0.mlp.up_proj.weight", b"\x01\x02")
+    got = native.keep_random(x, key, start, density)
+    want = zero_unless(rng.keep_mask(key, start, x.numel(), density), x)
+    assert got is not None and torch.equal(bits(got), bits(want))
+    # and the draws themselves, at a few indices, against the pure-Python definition
+    for j in (0, 1, N // 2, N - 1):
+        kept = rng.reference_draw(key, start + j) < rng.threshold(density)
+        assert bool(bits(got)[j] == bits(x)[j]) if kept else int(bits(got)[j]) == 0
+
+
+def test_random_ops_native_and_torch_agree(monkeypatch):
+    x = awkward(seed=1)[: N // 7 * 7].view(-1, 7)  # a chunk of rows
+    ctx = KernelContext(tensor="t", start=5 << 20, seed=0)
+    ctx.key = 0xDEADBEEF12345678
+    native_out = {"dare": OPS["dare"].kernel(ctx, x, p=0.9, seed=0),
+                  "keep_random": OPS["keep_random"].kernel(ctx, x, density=0.3, seed=0)}
+    monkeypatch.setenv(native.ENV, "0")
+    for name, kwargs in (("dare", {"p": 0.9}), ("keep_random", {"density": 0.3})):
+        torch_out = OPS[name].kernel(ctx, x, **kwargs, seed=0)
+        assert torch.equal(bits(native_out[name]), bits(torch_out)), name
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_histograms_match_torch(seed):
+    x = awkward(seed=seed)
+    hist = torch.zeros(1 << S.HIGH_BITS, dtype=torch.int64)
+    hist[5] = 7  # the loops add to what is there
+    assert native.high_histogram(x, hist, S.LOW_BITS)
+    want = S.high_histogram(S.magnitude_bits(x))
+    want[5] += 7
+    assert torch.equal(hist, want)
+    for high in (int(S.magnitude_bits(x)[6]) >> S.LOW_BITS, int(S.magnitude_bits(x)[100]) >> S.LOW_BITS, 0):
+        low = torch.zeros(1 << S.LOW_BITS, dtype=torch.int64)
+        assert native.low_histogram(x, low, high, S.LOW_BITS)
+        assert torch.equal(low, S.low_histogram(S.magnitude_bits(x), high))
+
+
+@pytest.mark.parametrize("rank", [1, 1000, N // 2, N - 1])
+def test_top_k_cutoff_matches_sort(rank):
+    """The streamed select with the native histograms keeps exactly the top `rank` rank keys of a
+    full sort."""
+    x = awkward(seed=2)
+    keys = S.rank_keys(x, 0)
+    kept = keys >= S.kth_largest_key(x, rank, chunk=native.MIN_ELEMENTS)
+    assert int(kept.sum()) == rank
+    assert int(keys[kept].min()) == int(keys.sort(descending=True).values[rank - 1])
+
+
+def test_keep_top_values_match_torch(monkeypatch):
+    x = awkward(seed=3)
+    mags = S.magnitude_bits(x)
+    cutoffs = [int(mags[6]) << S.INDEX_BITS,  # every entry equal to the cutoff's magnitude kept
+               (int(mags[6]) << S.INDEX_BITS) | ((1 << 32) - 1),  # ... dropped (its index 0 < start)
+               int(mags[100]) << S.INDEX_BITS]
+    got = [S.keep_top_values(x, 10, c) for c in cutoffs]
+    monkeypatch.setenv(native.ENV, "0")
+    for g, c in zip(got, cutoffs):
+        want = S.keep_top_values(x, 10, c)
+        assert g is not None and torch.equal(bits(g), bits(want))
+
+
+@pytest.mark.parametrize("consensus_method", ["sum", "count"])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("weights", [[0.5, 0.3, 0.2], [1.0, 1.0], [0.7000000001, -0.25, 1 / 3, 2.0]])
+def test_disjoint_merge_matches_torch(monkeypatch, weights, normalize, consensus_method):
+    xs = [awkward(seed=10 + i)[: N // 4 * 4].view(-1, 4) for i in range(len(weights))]
+    xs[0][::7] = xs[1][::7] * -1  # exact cancellations in the elected sign's sum
+    params = {"weights": weights, "normalize": normalize, "consensus_method": consensus_method}
+    got = OPS["disjoint_merge"].kernel(KernelContext(), *xs, **params)
+    monkeypatch.setenv(native.ENV, "0")
+    want = OPS["disjoint_merge"].kernel(KernelContext(), *xs, **params)
+    assert torch.equal(bits(got), bits(want))
+
+
+def test_outside_their_domain_the_loops_decline():
+    x = awkward()
+    assert native.keep_random(x[: native.MIN_ELEMENTS - 1], 1, 0, 0.5) is None  # too small to pay
+    assert native.keep_random(x.double(), 1, 0, 0.5) is None
+    assert native.keep_random(x.view(-1, 1).expand(-1, 2), 1, 0, 0.5) is None  # not contiguous
+    assert native.keep_at_least(x.half(), 5) is None
+    assert not native.high_histogram(x, torch.zeros(1 << 16, dtype=torch.int32), 15)
+    assert native.disjoint_merge([x, x[:-1]], [1.0, 1.0], True, False) is None  # shapes differ
+
+
+SPEC = """\
+base = model("base")
+ft0 = model("ft0")
+ft1 = model("ft1")
+sparse = [dare(ft0 - base, p=0.5), keep_random(ft1 - base, density=0.3, seed=1)] + base
+tied = ties(base, sparse, weights=[0.6, 0.4], density=0.3, global_topk=true)
+output avg(tied, ties(base, [ft0, ft1], weights=[0.5, 0.5], density=0.5), dare_linear(base, [ft0, ft1], weights=[1, 1], density=0.2))
+"""
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_merges_are_byte_identical_with_and_without_the_loops(family, tmp_path, monkeypatch):
+    spec = write_spec(family, SPEC, "native.ml")
+    monkeypatch.setattr(native, "MIN_ELEMENTS", 1)  # the tiny family's chunks take the loops too
+    calls = []
+    keep_random = native.keep_random
+    monkeypatch.setattr(native, "keep_random", lambda *a: calls.append(1) or keep_random(*a))
+    digests = {}
+    for env in ("1", "0"):
+        monkeypatch.setenv(native.ENV, env)
+        run(spec, tmp_path / env, RunOptions(seed=5, chunk=300))
+        digests[env] = _digests(tmp_path / env)
+    assert calls and digests["1"] == digests["0"]
