@@ -4,11 +4,13 @@ and the same output files for whole merges."""
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import mergelang.ops
 from conftest import write_spec
 from mergelang import rng
 from mergelang.api import RunOptions, run
@@ -130,6 +132,21 @@ def test_outside_their_domain_the_loops_decline():
     assert native.keep_at_least(x.half(), 5) is None
     assert not native.high_histogram(x, torch.zeros(1 << 16, dtype=torch.int32), 15)
     assert native.disjoint_merge([x, x[:-1]], [1.0, 1.0], True, False) is None  # shapes differ
+
+
+def test_without_numba_the_torch_path_runs(monkeypatch):
+    x = awkward()
+    want = native.keep_random(x, 7, 0, 0.5)
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError
+    monkeypatch.delitem(sys.modules, "mergelang.ops.native_loops", raising=False)
+    monkeypatch.delattr(mergelang.ops, "native_loops", raising=False)
+    native._import.cache_clear()
+    try:
+        assert native._loops() is None and native.keep_random(x, 7, 0, 0.5) is None
+        got = OPS["keep_random"].kernel(KernelContext(key=7), x, density=0.5, seed=0)
+        assert torch.equal(bits(got), bits(want))
+    finally:
+        native._import.cache_clear()
 
 
 SPEC = """\

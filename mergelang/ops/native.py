@@ -1,14 +1,17 @@
-"""Single-pass CPU loops (numba) for the hottest kernels: the random mask and the top-k radix select.
+"""Single-pass CPU loops (numba) for the hottest kernels: the random mask, the top-k histograms and
+select, and TIES's disjoint_merge.
 
-In eager torch the random mask is a dozen passes over its chunk (rng.py) and a top-k histogram three
-or four; memory traffic, not arithmetic, sets their speed. Compiled once per machine by numba (its
-on-disk cache keeps the machine code across runs), each of these loops reads its input once.
+In eager torch the random mask is a dozen passes over its chunk (rng.py), a top-k histogram three or
+four, disjoint_merge about thirty; memory traffic, not arithmetic, sets their speed. Compiled once
+per machine by numba (its on-disk cache keeps the machine code across runs), each of these loops
+reads its inputs once.
 
-Every loop computes exactly what the torch code it replaces computes, with integer arithmetic only: a
-kept entry's float bits are copied, never computed (NaNs, infinities and signed zeros included). So
-the output does not depend on whether they run; tests/test_native.py compares each with the torch
-path. They apply to contiguous float32 CPU tensors; anything else (a GPU, another dtype, numba
-missing, or MERGELANG_NATIVE=0) takes the torch path.
+Every loop computes exactly what the torch code it replaces computes: the mask, histograms and
+selects with integer arithmetic on the float bits, copying a kept entry's bits (NaNs, infinities and
+signed zeros included); disjoint_merge with its float32 operations in the torch code's order. So the
+output does not depend on whether they run; tests/test_native.py compares each with the torch path.
+They apply to contiguous float32 CPU chunks of at least MIN_ELEMENTS entries; anything else (a GPU,
+another dtype, MERGELANG_NATIVE=0, or numba missing or failing to load) takes the torch path.
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ def _import():
         import numpy as np
 
         from . import native_loops
-    except ImportError as error:
-        log.info("numba is not importable (%s): the torch kernels run instead", error)
+    except Exception as error:  # not installed, or broken (an LLVM or cache setup error): stay correct
+        log.warning("numba could not be loaded (%s): the torch kernels run instead", error)
         return None
     names = ("select_random", "high_histogram", "low_histogram", "keep_at_least", "disjoint_merge")
     return {"np": np, **{name: getattr(native_loops, name) for name in names}}

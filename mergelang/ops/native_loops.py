@@ -55,8 +55,6 @@ def keep_at_least(xbits, out, t):
 
 
 F_ZERO, F_ONE = np.float32(0.0), np.float32(1.0)
-
-
 BLOCK = 2048  # entries per block of disjoint_merge: its inputs' blocks and scratch stay in L1
 
 
