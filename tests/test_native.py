@@ -98,6 +98,22 @@ def test_top_k_cutoff_matches_sort(rank):
     assert int(keys[kept].min()) == int(keys.sort(descending=True).values[rank - 1])
 
 
+@pytest.mark.parametrize("native_on", ["1", "0"])
+@pytest.mark.parametrize("into_group", [1, 2, 777, "last"])
+def test_top_k_cutoff_inside_a_run_of_equal_magnitudes(monkeypatch, native_on, into_group):
+    """The cut falls among entries of one magnitude: the third pass finds the last one kept by index."""
+    monkeypatch.setenv(native.ENV, native_on)
+    x = awkward(seed=4)
+    x[10::7] = torch.where(torch.arange(len(x[10::7])) % 2 == 0, 0.01, -0.01)  # one magnitude, many entries
+    keys = S.rank_keys(x, 0)
+    group = int((S.magnitude_bits(x) == int(S.magnitude_bits(x)[10])).sum())
+    above = int((x.abs() > 0.01).sum()) + int(x.isnan().sum())
+    rank = above + (group if into_group == "last" else into_group)
+    kept = keys >= S.kth_largest_key(x, rank, chunk=native.MIN_ELEMENTS)
+    assert int(kept.sum()) == rank
+    assert int(keys[kept].min()) == int(keys.sort(descending=True).values[rank - 1])
+
+
 def test_keep_top_values_match_torch(monkeypatch):
     x = awkward(seed=3)
     mags = S.magnitude_bits(x)

@@ -47,7 +47,7 @@ def _import():
     except Exception as error:  # not installed, or broken (an LLVM or cache setup error): stay correct
         log.warning("numba could not be loaded (%s): the torch kernels run instead", error)
         return None
-    names = ("select_random", "high_histogram", "low_histogram", "keep_at_least", "disjoint_merge")
+    names = ("select_random", "high_histogram", "low_histogram", "keep_at_least", "disjoint_merge", "nth_equal")
     return {"np": np, **{name: getattr(native_loops, name) for name in names}}
 
 
@@ -101,6 +101,17 @@ def low_histogram(x: torch.Tensor, hist: torch.Tensor, high: int, low_bits: int)
     loops["low_histogram"](_bits(x, np), hist.numpy(), np.uint32(high), np.uint32(low_bits),
                            np.uint32((1 << low_bits) - 1))
     return True
+
+
+def nth_equal(x: torch.Tensor, t: int, n: int) -> tuple[int, int] | None:
+    """(flat index in x, n) of the n-th entry (1-based) whose magnitude bits are t, or (-1, how many
+    there are) when x has fewer; None where this loop does not apply."""
+    loops = _loops() if _fits(x) else None
+    if loops is None:
+        return None
+    np = loops["np"]
+    j, count = loops["nth_equal"](_bits(x, np), np.uint32(t), n)
+    return int(j), int(count)
 
 
 def keep_at_least(x: torch.Tensor, t: int) -> torch.Tensor | None:

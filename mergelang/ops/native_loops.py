@@ -111,3 +111,15 @@ def disjoint_merge(xs, ws, out, normalize, by_count):
         if normalize:
             for j in range(b - a):
                 o[j] = o[j] / (dv[j] + (F_ONE if dv[j] == F_ZERO else F_ZERO))
+
+
+@jit
+def nth_equal(xbits, t, n):
+    """(j, n) for the n-th entry (1-based) whose magnitude bits are t, or (-1, how many there are)."""
+    count = 0
+    for j in range(xbits.shape[0]):
+        if (xbits[j] & ABS) == t:
+            count += 1
+            if count == n:
+                return j, count
+    return -1, count

@@ -184,11 +184,14 @@ class RankCutoff:
         elif pass_ == 1:
             add_low_histogram(self.hist, x, self.high)
         else:
-            ties = magnitude_bits(x) == self.bits
-            count = int(ties.sum().item())
-            if count >= self.tie:
-                index = start + int(torch.nonzero(ties)[self.tie - 1].item())
-                self.key = (self.bits << INDEX_BITS) | (_INDEX_MASK - index)
+            found = native.nth_equal(x, self.bits, self.tie)
+            if found is None:
+                ties = magnitude_bits(x) == self.bits
+                count = int(ties.sum().item())
+                found = (int(torch.nonzero(ties)[self.tie - 1].item()) if count >= self.tie else -1), count
+            j, count = found
+            if j >= 0:  # the tie-th entry equal to t is in this chunk
+                self.key = (self.bits << INDEX_BITS) | (_INDEX_MASK - (start + j))
             self.tie -= count
             self.pass_complete = self.tie <= 0
 
