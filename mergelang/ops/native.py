@@ -1,5 +1,5 @@
-"""Single-pass CPU loops (numba) for the hottest kernels: the random mask, the top-k histograms and
-select, and TIES's disjoint_merge.
+"""Single-pass CPU loops (numba) for the hottest kernels: the random mask, the top-k histograms, tie
+scan and select, and TIES's disjoint_merge.
 
 In eager torch the random mask is a dozen passes over its chunk (rng.py), a top-k histogram three or
 four, disjoint_merge about thirty; memory traffic, not arithmetic, sets their speed. Compiled once
