@@ -165,6 +165,17 @@ def test_without_numba_the_torch_path_runs(monkeypatch):
         native._import.cache_clear()
 
 
+def test_with_numba_jit_disabled_the_torch_path_runs(monkeypatch):
+    import numba
+
+    monkeypatch.setattr(numba.config, "DISABLE_JIT", True)
+    native._import.cache_clear()
+    try:
+        assert native._loops() is None and native.keep_random(awkward(), 7, 0, 0.5) is None
+    finally:
+        native._import.cache_clear()
+
+
 SPEC = """\
 base = model("base")
 ft0 = model("ft0")

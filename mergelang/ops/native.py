@@ -11,7 +11,8 @@ selects with integer arithmetic on the float bits, copying a kept entry's bits (
 signed zeros included); disjoint_merge with its float32 operations in the torch code's order. So the
 output does not depend on whether they run; tests/test_native.py compares each with the torch path.
 They apply to contiguous float32 CPU chunks of at least MIN_ELEMENTS entries; anything else (a GPU,
-another dtype, MERGELANG_NATIVE=0, or numba missing or failing to load) takes the torch path.
+another dtype, MERGELANG_NATIVE=0, NUMBA_DISABLE_JIT=1, or numba missing or failing to load) takes
+the torch path.
 """
 
 from __future__ import annotations
@@ -41,8 +42,11 @@ def _loops():
 @functools.cache
 def _import():
     try:
+        import numba
         import numpy as np
 
+        if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1: the loops would run as Python, per entry
+            return None
         from . import native_loops
     except Exception as error:  # not installed, or broken (an LLVM or cache setup error): stay correct
         log.warning("numba could not be loaded (%s): the torch kernels run instead", error)
