@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -11,6 +12,11 @@ from mergelang.demo import make_tiny_llama
 
 # Compiling regions takes seconds per region: the suite runs eagerly, tests/test_fusion.py compiles.
 os.environ.setdefault("MERGELANG_COMPILE", "never")
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file directly in folder, by name: two outputs compared byte for byte."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
 def write_spec(folder: Path, text: str, name: str = "spec.ml") -> Path:

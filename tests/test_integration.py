@@ -17,6 +17,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from conftest import digests
 from mergelang.cli import main
 from mergelang.demo import TINY_LLAMA, make_tiny_llama
 from oracle import assert_close_ulp, load_folder
@@ -358,9 +359,6 @@ output stack(layer_range(base + dare(ad, p=0.5), 0, 3),
        dtype="bf16", chat_template="{{ messages }}"
 """
 
-
-def digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
 def test_bytes_do_not_depend_on_threads_or_chunks(world, tmp_path):

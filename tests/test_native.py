@@ -3,7 +3,6 @@ and the same output files for whole merges."""
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 import mergelang.ops
-from conftest import write_spec
+from conftest import digests, write_spec
 from mergelang import rng
 from mergelang.api import RunOptions, run
 from mergelang.ops import OPS, KernelContext, native
@@ -186,19 +185,15 @@ output avg(tied, ties(base, [ft0, ft1], weights=[0.5, 0.5], density=0.5), dare_l
 """
 
 
-def _digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
-
-
 def test_merges_are_byte_identical_with_and_without_the_loops(family, tmp_path, monkeypatch):
     spec = write_spec(family, SPEC, "native.ml")
     monkeypatch.setattr(native, "MIN_ELEMENTS", 1)  # the tiny family's chunks take the loops too
     calls = []
     keep_random = native.keep_random
     monkeypatch.setattr(native, "keep_random", lambda *a: calls.append(1) or keep_random(*a))
-    digests = {}
+    outs = {}
     for env in ("1", "0"):
         monkeypatch.setenv(native.ENV, env)
         run(spec, tmp_path / env, RunOptions(seed=5, chunk=300))
-        digests[env] = _digests(tmp_path / env)
-    assert calls and digests["1"] == digests["0"]
+        outs[env] = digests(tmp_path / env)
+    assert calls and outs["1"] == outs["0"]

@@ -3,13 +3,12 @@ thread count, chunk size or order in which tensors are evaluated."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 from click.testing import CliRunner
 
-from conftest import write_spec
+from conftest import digests, write_spec
 from mergelang.api import RunOptions, run
 from mergelang.cli import main
 
@@ -25,9 +24,6 @@ output slerp(tied, dare_ties(base, [ft0, ft1], weights=[0.5, 0.5], density=0.5),
 """
 SHARD = "30KB"  # several shards and an index, so the layout is compared too
 
-
-def digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
 def test_bytes_do_not_depend_on_threads_chunks_or_order(family, tmp_path):

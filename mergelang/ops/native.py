@@ -28,7 +28,6 @@ from .. import rng
 log = logging.getLogger(__name__)
 
 ENV = "MERGELANG_NATIVE"
-MASK32 = 0xFFFFFFFF
 # Smaller chunks take the torch path: a run on tiny tensors would not repay importing numba and
 # loading the loops (about 0.6 s, more the first time they are compiled on a machine).
 MIN_ELEMENTS = 1 << 16
@@ -79,7 +78,7 @@ def keep_random(x: torch.Tensor, key: int, start: int, keep_probability: float) 
         stop = min(end, ((pos >> 32) + 1) << 32)
         k0, k1 = rng._round_keys(key, pos >> 32)
         a, b = pos - start, stop - start
-        loops["select_random"](xbits[a:b], obits[a:b], np.uint64(pos & MASK32), np.uint64(k0), np.uint64(k1), limit)
+        loops["select_random"](xbits[a:b], obits[a:b], np.uint64(pos & rng.MASK32), np.uint64(k0), np.uint64(k1), limit)
         pos = stop
     return out
 
