@@ -111,26 +111,32 @@ def test_concurrent_writes_match_safetensors(tmp_path: Path):
 
 
 def test_writeback_starts_every_step_of_bytes_and_the_files_are_unchanged(tmp_path: Path, monkeypatch):
-    """Each shard's data is handed to the disk every WRITEBACK_BYTES written (the final fsync then
-    waits for the rest only); the real system call runs too, and the bytes are those written."""
-    from mergelang.io import writer as writer_module
+    """Without direct I/O, each shard's bytes (header, then data) are handed to the disk every
+    WRITEBACK_BYTES written (the final fsync then waits for the rest only); the real system call
+    runs too, and the bytes are those written."""
+    from mergelang.io import output_file
 
     started: list[int] = []
-    real = writer_module._start_writeback
-    monkeypatch.setattr(writer_module, "WRITEBACK_BYTES", 100)
-    monkeypatch.setattr(writer_module, "_start_writeback",
-                        lambda fd: (started.append(fd), real(fd) if real else None))
+    real = output_file._start_writeback
+    monkeypatch.setattr(output_file, "WRITEBACK_BYTES", 100)
+    monkeypatch.setattr(output_file, "_start_writeback", lambda fd: (started.append(fd), real(fd) if real else None))
     tensors = random_tensors()
     expected: list[int] = []  # the rule replayed: per shard, a start whenever 100 bytes accumulate
     pending: dict[int, int] = {}
-    with ShardedWriter(tmp_path, specs(tensors), 300) as writer:
+
+    def replay(fd: int, nbytes: int) -> None:
+        pending[fd] = pending.get(fd, 0) + nbytes
+        if pending[fd] >= 100:
+            pending[fd] = 0
+            expected.append(fd)
+
+    with ShardedWriter(tmp_path, specs(tensors), 300, direct_io=False) as writer:
+        for shard in writer._shards:
+            assert not shard.file.direct
+            replay(shard.file.fd, len(shard.header))
         for name, start, chunk in uneven_chunks(tensors, 4):
             writer.write(name, start, chunk)
-            fd = writer._slots[name].shard.fd
-            pending[fd] = pending.get(fd, 0) + chunk.numel() * chunk.dtype.itemsize
-            if pending[fd] >= 100:
-                pending[fd] = 0
-                expected.append(fd)
+            replay(writer._slots[name].shard.file.fd, chunk.numel() * chunk.dtype.itemsize)
     assert len(set(expected)) > 1 and started == expected
     loaded = load_all(writer.files)
     for name, tensor in tensors.items():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -12,36 +11,10 @@ from pathlib import Path
 
 import torch
 
+from mergelang.io.output_file import OutputFile, Staging, direct_io_default, pwrite_all
 from mergelang.io.safetensors_format import DTYPES, byte_view, itemsize
 
 INDEX_FILE = "model.safetensors.index.json"
-
-_FALLOCATE_UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
-# Written data is handed to the disk in steps of this size while the merge runs, so that the fsync
-# at the end waits for the last step only, not for the whole output.
-WRITEBACK_BYTES = 64 << 20
-
-
-def _writeback_starter():
-    """Linux's sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE): start writing a file's dirty pages
-    to disk without waiting for them. None where it is unavailable (the final fsync does it all)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        sync_file_range = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    write = 2  # SYNC_FILE_RANGE_WRITE
-
-    def start(fd: int) -> None:
-        sync_file_range(fd, 0, 0, write)  # a failure only means the final fsync has more to do
-
-    return start
-
-
-_start_writeback = _writeback_starter()
 
 
 class Sized:
@@ -105,8 +78,7 @@ class _Shard:
     header: bytes
     size: int
     tensors: list[OutputTensor]
-    fd: int | None = None
-    unflushed: int = 0  # bytes written since writeback was last started
+    file: OutputFile | None = None
 
 
 @dataclass(frozen=True)
@@ -114,12 +86,6 @@ class _Slot:
     tensor: OutputTensor
     shard: _Shard
     start: int
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
 
 
 def _missing_range(intervals: list[tuple[int, int]], numel: int) -> tuple[int, int] | None:
@@ -132,7 +98,7 @@ def _missing_range(intervals: list[tuple[int, int]], numel: int) -> tuple[int, i
 
 
 class ShardedWriter:
-    """Writes tensors into pre-laid-out safetensors shards, chunk by chunk, in any order.
+    """Writes tensors into pre-laid-out safetensors shards, chunk by chunk, in any order, each element once.
 
     Inside a shard, data is laid out widest dtype first, so each tensor is aligned to its item size.
     """
@@ -143,6 +109,7 @@ class ShardedWriter:
         tensors: list[OutputTensor],
         shard_size: int,
         metadata: dict[str, str] | None = None,
+        direct_io: bool | None = None,
     ):
         self.folder = Path(folder)
         self.metadata = {"format": "pt", **(metadata or {})}
@@ -170,6 +137,7 @@ class ShardedWriter:
             self._layout(self.folder / name, group)
         self._written: dict[str, list[tuple[int, int]]] = {t.name: [] for t in self.tensors}
         self._lock = threading.Lock()
+        self._staging = Staging() if (direct_io_default() if direct_io is None else direct_io) else None
         self._state = "new"
 
     def _layout(self, path: Path, group: list[OutputTensor]) -> None:
@@ -211,15 +179,8 @@ class ShardedWriter:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             for shard in self._shards:
-                shard.fd = os.open(shard.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-                _pwrite_all(shard.fd, memoryview(shard.header), 0)
-                os.ftruncate(shard.fd, shard.size)
-                if hasattr(os, "posix_fallocate") and shard.size > 0:
-                    try:
-                        os.posix_fallocate(shard.fd, 0, shard.size)
-                    except OSError as exc:
-                        if exc.errno not in _FALLOCATE_UNSUPPORTED:
-                            raise
+                shard.file = OutputFile(shard.path, shard.size, self._staging)
+                shard.file.write(memoryview(shard.header), 0)
         except BaseException:
             self.abort()
             raise
@@ -247,15 +208,9 @@ class ShardedWriter:
             )
         if count:
             offset = slot.start + start * expected.itemsize
-            _pwrite_all(slot.shard.fd, byte_view(data), offset)
+            slot.shard.file.write(byte_view(data), offset)
         with self._lock:
             self._written[name].append((start, start + count))
-            slot.shard.unflushed += count * expected.itemsize
-            flush = slot.shard.unflushed >= WRITEBACK_BYTES and _start_writeback is not None
-            if flush:
-                slot.shard.unflushed = 0
-        if flush:
-            _start_writeback(slot.shard.fd)
 
     def close(self) -> None:
         """Check every element was written, fsync and close the shards, and write the index if sharded."""
@@ -273,9 +228,7 @@ class ShardedWriter:
                 )
         try:
             for shard in self._shards:
-                os.fsync(shard.fd)
-                os.close(shard.fd)
-                shard.fd = None
+                shard.file.close()
             if len(self._shards) > 1:
                 self._write_index()
             self._fsync_folder()
@@ -292,7 +245,7 @@ class ShardedWriter:
         data = (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
         fd = os.open(self.folder / INDEX_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            _pwrite_all(fd, memoryview(data), 0)
+            pwrite_all(fd, memoryview(data), 0)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -314,12 +267,8 @@ class ShardedWriter:
         if self._state == "closed":
             return
         for shard in self._shards:
-            if shard.fd is not None:
-                try:
-                    os.close(shard.fd)
-                except OSError:
-                    pass
-                shard.fd = None
+            if shard.file is not None:
+                shard.file.abort()
         self._state = "aborted"
 
     def _state_text(self) -> str:

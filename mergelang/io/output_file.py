@@ -1,0 +1,216 @@
+"""One output file: sized and preallocated up front, written in place at any offset, with direct I/O
+where the file system allows it.
+
+A buffered write copies every byte into a newly allocated page-cache page, which the kernel writes
+back later; for an output the size of a model that copy is a large share of a merge's CPU time, and
+the dirty pages crowd out the inputs' cached pages. With O_DIRECT the disk reads the bytes from our
+memory instead. O_DIRECT wants page-aligned memory, offsets and lengths, while tensors start at any
+byte: so the whole pages inside a write are copied into aligned staging memory and written at once,
+and the bytes at either end, which share a page with data not yet written, wait in a page buffer
+until that page is full. The file's last page is written whole and the file cut back to its size
+when it is closed. Each byte must be written once (the writer writes each element once).
+
+Where the file system refuses O_DIRECT, at open or at a write, the file goes through the page cache,
+handed to the disk in steps while the merge runs. MERGELANG_DIRECT_IO=0 asks for that too.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+from pathlib import Path
+
+ENV = "MERGELANG_DIRECT_IO"
+PAGE = 4096
+STAGE_BYTES = 4 << 20
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+_FALLOCATE_UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
+# Buffered data is handed to the disk in steps of this size while the merge runs, so that the fsync
+# at the end waits for the last step only, not for the whole output.
+WRITEBACK_BYTES = 64 << 20
+
+
+def direct_io_default() -> bool:
+    return _O_DIRECT != 0 and os.environ.get(ENV, "1").strip() != "0"
+
+
+def _writeback_starter():
+    """Linux's sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE): start writing a file's dirty pages
+    to disk without waiting for them. None where it is unavailable (the final fsync does it all)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        sync_file_range = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    write = 2  # SYNC_FILE_RANGE_WRITE
+
+    def start(fd: int) -> None:
+        sync_file_range(fd, 0, 0, write)  # a failure only means the final fsync has more to do
+
+    return start
+
+
+_start_writeback = _writeback_starter()
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+class Staging:
+    """Page-aligned memory for direct writes, shared by the files of one output, one write at a time."""
+
+    def __init__(self, nbytes: int = STAGE_BYTES):
+        self.lock = threading.Lock()
+        self._nbytes = nbytes
+        self._view: memoryview | None = None
+
+    def view(self) -> memoryview:
+        if self._view is None:
+            self._view = memoryview(mmap.mmap(-1, self._nbytes))
+        return self._view
+
+
+class OutputFile:
+    """A file of `size` bytes at `path`, created (or truncated), preallocated and written with `write`.
+
+    Direct I/O is used when `staging` is given and the file system takes it."""
+
+    def __init__(self, path: Path, size: int, staging: Staging | None = None):
+        self.path, self.size = Path(path), size
+        self._staging = staging
+        self._lock = staging.lock if staging is not None else threading.Lock()
+        self._pages: dict[int, list] = {}  # page index -> [page buffer, bytes filled]
+        self._unflushed = 0
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
+        self.direct = staging is not None and _O_DIRECT != 0
+        fd = None
+        if self.direct:
+            try:
+                fd = os.open(self.path, flags | _O_DIRECT, 0o644)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self.direct = False
+        if fd is None:
+            fd = os.open(self.path, flags, 0o644)
+        self.fd: int | None = fd
+        try:
+            os.ftruncate(fd, size)
+            if hasattr(os, "posix_fallocate") and size > 0:
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                except OSError as exc:
+                    if exc.errno not in _FALLOCATE_UNSUPPORTED:
+                        raise
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, data: memoryview, offset: int) -> None:
+        """Write `data` (bytes) at `offset`."""
+        if not self.direct:
+            self._write_buffered(data, offset)
+            return
+        with self._lock:
+            if self.direct:
+                try:
+                    self._write_direct(data, offset)
+                    return
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    self._leave_direct_io()
+        self._write_buffered(data, offset)  # all of it again: rewriting the same bytes is harmless
+
+    def _write_buffered(self, data: memoryview, offset: int) -> None:
+        pwrite_all(self.fd, data, offset)
+        with self._lock:
+            self._unflushed += len(data)
+            flush = self._unflushed >= WRITEBACK_BYTES and _start_writeback is not None
+            if flush:
+                self._unflushed = 0
+        if flush:
+            _start_writeback(self.fd)
+
+    def _write_direct(self, data: memoryview, offset: int) -> None:
+        end = offset + len(data)
+        first = -(-offset // PAGE) * PAGE  # the whole pages inside [offset, end) are [first, last)
+        last = end // PAGE * PAGE
+        if first >= last:
+            self._into_pages(data, offset)
+            return
+        self._into_pages(data[: first - offset], offset)
+        stage = self._staging.view()
+        position = first
+        while position < last:
+            n = min(len(stage), last - position)
+            stage[:n] = data[position - offset : position - offset + n]
+            pwrite_all(self.fd, stage[:n], position)
+            position += n
+        self._into_pages(data[last - offset :], last)
+
+    def _into_pages(self, data: memoryview, offset: int) -> None:
+        position, end = offset, offset + len(data)
+        while position < end:
+            index = position // PAGE
+            base = index * PAGE
+            stop = min(end, base + PAGE)
+            page = self._pages.get(index)
+            if page is None:
+                page = self._pages[index] = [mmap.mmap(-1, PAGE), 0]
+            page[0][position - base : stop - base] = data[position - offset : stop - offset]
+            page[1] += stop - position
+            if page[1] >= min(PAGE, self.size - base):
+                pwrite_all(self.fd, memoryview(page[0]), base)  # the last page whole; cut at close
+                del self._pages[index]
+            position = stop
+
+    def _flush_pages(self) -> None:
+        """Write every waiting page whole: bytes not yet given are zeros, as in the file."""
+        for index, (page, _) in sorted(self._pages.items()):
+            pwrite_all(self.fd, memoryview(page), index * PAGE)
+        self._pages.clear()
+
+    def _leave_direct_io(self) -> None:
+        import fcntl
+
+        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~_O_DIRECT)
+        self.direct = False
+        self._flush_pages()
+
+    def close(self) -> None:
+        """Write what waits, cut the file to its size, fsync and close it."""
+        try:
+            with self._lock:
+                try:
+                    self._flush_pages()
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    self._leave_direct_io()
+            os.ftruncate(self.fd, self.size)
+            os.fsync(self.fd)
+        except BaseException:
+            self.abort()
+            raise
+        os.close(self.fd)
+        self.fd = None
+
+    def abort(self) -> None:
+        """Close without writing what waits (the file is left incomplete)."""
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+        self._pages.clear()

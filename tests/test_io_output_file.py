@@ -1,0 +1,145 @@
+"""Output files written at any offset, in any order, with direct I/O or through the page cache:
+the file's bytes are compared with the bytes given."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mergelang.io import output_file
+from mergelang.io.output_file import PAGE, OutputFile, Staging, direct_io_default
+
+needs_o_direct = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this system")
+
+
+def direct_file(path: Path, size: int, stage_bytes: int = 2 * PAGE) -> OutputFile:
+    file = OutputFile(path, size, Staging(stage_bytes))
+    if not file.direct:
+        file.abort()
+        pytest.skip(f"the file system of {path.parent} refuses O_DIRECT")
+    return file
+
+
+def pieces(data: bytes, cuts: list[int], seed: int) -> list[tuple[int, bytes]]:
+    """`data` cut at `cuts`, the pieces shuffled."""
+    points = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+    parts = [(a, data[a:b]) for a, b in zip(points[:-1], points[1:], strict=True)]
+    random.Random(seed).shuffle(parts)
+    return parts
+
+
+def write_pieces(file: OutputFile, parts: list[tuple[int, bytes]]) -> None:
+    for offset, part in parts:
+        file.write(memoryview(part), offset)
+    file.close()
+
+
+@needs_o_direct
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.integers(1, 5 * PAGE + 100) | st.sampled_from([PAGE, 2 * PAGE, 3 * PAGE - 1, 3 * PAGE + 1]),
+    cuts=st.lists(st.integers(0, 10 * PAGE), max_size=12),
+    seed=st.integers(0, 2**16),
+    stage_pages=st.integers(1, 3),
+)
+def test_direct_writes_in_any_order_give_the_bytes_written(tmp_path_factory, size, cuts, seed, stage_pages):
+    data = random.Random(seed).randbytes(size)
+    path = tmp_path_factory.mktemp("direct") / "out.bin"
+    file = direct_file(path, size, stage_pages * PAGE)
+    write_pieces(file, pieces(data, cuts, seed))
+    assert path.read_bytes() == data
+
+
+@needs_o_direct
+def test_in_order_writes_keep_at_most_one_page_waiting(tmp_path: Path):
+    """A file written front to back holds back only the page shared with the next write."""
+    data = random.Random(3).randbytes(40 * PAGE + 123)
+    file = direct_file(tmp_path / "out.bin", len(data))
+    offset, rng, most = 0, random.Random(4), 0
+    while offset < len(data):
+        n = rng.randrange(1, 3 * PAGE)
+        file.write(memoryview(data[offset : offset + n]), offset)
+        most = max(most, len(file._pages))
+        offset += n
+    file.close()
+    assert most == 1
+    assert (tmp_path / "out.bin").read_bytes() == data
+
+
+@needs_o_direct
+def test_unwritten_bytes_are_zeros_and_the_size_is_exact(tmp_path: Path):
+    size = 3 * PAGE + 17
+    file = direct_file(tmp_path / "out.bin", size)
+    file.write(memoryview(b"\x01" * 10), PAGE - 5)  # a page never filled on either side
+    file.write(memoryview(b"\x02" * 7), size - 7)
+    file.close()
+    expected = bytearray(size)
+    expected[PAGE - 5 : PAGE + 5] = b"\x01" * 10
+    expected[size - 7 :] = b"\x02" * 7
+    assert (tmp_path / "out.bin").read_bytes() == bytes(expected)
+
+
+@needs_o_direct
+def test_a_write_refused_with_einval_goes_on_through_the_page_cache(tmp_path: Path, monkeypatch):
+    """A file system that opens with O_DIRECT but refuses the writes: the file leaves direct I/O,
+    writes the pages that wait and then everything else as usual; the bytes are the same."""
+    import fcntl
+
+    real = os.pwrite
+
+    def refuse_direct(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    data = random.Random(5).randbytes(6 * PAGE + 77)
+    file = direct_file(tmp_path / "out.bin", len(data))
+    parts = pieces(data, [100, 2 * PAGE + 3, 2 * PAGE + 9, 5 * PAGE], 6)
+    file.write(memoryview(parts[0][1]), parts[0][0])  # some of it direct, some waiting in pages
+    monkeypatch.setattr(os, "pwrite", refuse_direct)
+    write_pieces(file, parts[1:])
+    assert not file.direct
+    assert (tmp_path / "out.bin").read_bytes() == data
+
+
+def test_open_refused_with_einval_writes_through_the_page_cache(tmp_path: Path, monkeypatch):
+    real = os.open
+    direct = getattr(os, "O_DIRECT", 0)
+
+    def refuse_direct(path, flags, mode=0o777):
+        if direct and flags & direct:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", refuse_direct)
+    data = random.Random(7).randbytes(2 * PAGE + 5)
+    file = OutputFile(tmp_path / "out.bin", len(data), Staging())
+    assert not file.direct
+    write_pieces(file, pieces(data, [1, PAGE + 1], 8))
+    assert (tmp_path / "out.bin").read_bytes() == data
+
+
+def test_other_open_errors_are_raised(tmp_path: Path):
+    with pytest.raises(FileNotFoundError):
+        OutputFile(tmp_path / "missing" / "out.bin", 10, Staging())
+
+
+def test_environment_turns_direct_io_off(monkeypatch):
+    monkeypatch.setenv(output_file.ENV, "0")
+    assert not direct_io_default()
+    monkeypatch.setenv(output_file.ENV, "1")
+    assert direct_io_default() == hasattr(os, "O_DIRECT")
+
+
+def test_buffered_files_give_the_bytes_written(tmp_path: Path):
+    data = random.Random(9).randbytes(3 * PAGE + 1)
+    file = OutputFile(tmp_path / "out.bin", len(data))
+    assert not file.direct
+    write_pieces(file, pieces(data, [5, PAGE, 2 * PAGE + 7], 10))
+    assert (tmp_path / "out.bin").read_bytes() == data
