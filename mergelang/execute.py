@@ -370,7 +370,7 @@ def execute(plan: Plan, writer: ShardedWriter, options: ExecOptions,
     behind = WriteBehind(writer.write)
     try:
         if workers > 1:
-            _execute_parallel(plan, behind, options, whole_model, workers, on_progress)
+            _execute_parallel(plan, behind, options, whole_model, fuser, workers, on_progress)
         else:
             _execute_sequential(plan, behind, options, whole_model, fuser, on_progress)
         behind.close()
@@ -423,7 +423,7 @@ def parallel_order(plan: Plan, options: ExecOptions) -> list[TensorPlan]:
 
 
 def _execute_parallel(plan: Plan, behind: WriteBehind, options: ExecOptions, whole_model: dict,
-                      workers: int, on_progress) -> None:
+                      fuser: Fuser, workers: int, on_progress) -> None:
     """`workers` threads, each evaluating whole tensors with one torch thread and reading its own
     chunks, in `parallel_order`. Every tensor's bytes are computed as in the sequential order:
     chunks and reductions stay in order inside it."""
@@ -438,6 +438,7 @@ def _execute_parallel(plan: Plan, behind: WriteBehind, options: ExecOptions, who
         evaluator = TensorEvaluator(tp, None, options)
         evaluator.read = _reader(plan, tp, evaluator, device, lambda m, t, a, b: plan.checkpoints[m].read(t, a, b))
         evaluator.keep_loads = True  # no read-ahead here to predict chunk reads
+        evaluator.fuser = fuser
         evaluator.budget = MATERIALIZE_BYTES // workers
         evaluator.cache.update(whole_model)
         _evaluate_into(evaluator, behind, progress if on_progress else None, check)

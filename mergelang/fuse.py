@@ -41,6 +41,7 @@ import torch
 
 from . import rng
 from .graph import walk
+from .native_regions import NativeRegions
 from .ops import OPS
 from .ops.fast import zero_unless
 from .ops.select import INDEX_BITS, KEEP_NONE
@@ -257,6 +258,7 @@ class Fuser:
         self.programs: dict[tuple, object] = {}  # (region, output dtype) → compiled callable, or None
         self.compile_seconds = 0.0
         self._may_compile: bool | None = None
+        self.native = NativeRegions() if mode == "auto" else None  # numba loops (native_regions.py)
 
     @classmethod
     def for_plan(cls, plan, mode: str | None = None) -> "Fuser":
@@ -312,7 +314,12 @@ class Fuser:
 
     def rows_of(self, evaluator, steps: tuple[Step, ...], r0: int, r1: int):
         """Rows [r0, r1) of the region's root, or None where this region stays eager. `steps` is the
-        region as evaluator.region_of gives it: its reductions already computed."""
+        region as evaluator.region_of gives it: its reductions already computed. In auto mode a
+        region that native_regions can run as a numba loop runs so."""
+        if self.native is not None:
+            fused = self.native.rows_of(evaluator, steps, r0, r1)
+            if fused is not None:
+                return fused
         if self.mode == "never" or (self.mode == "auto" and evaluator.device.type != "cpu"):
             return None  # bit-identity is verified for inductor's C++ code; on GPUs only when asked
         root = steps[-1].node is evaluator.tp.graph  # the output: convert to its dtype in the loop

@@ -1,0 +1,281 @@
+"""Native regions (native_regions.py) give the bits of the eager executor.
+
+The reference is always the eager path (TensorEvaluator with no fuser). Compiling a region costs
+about a second, so few regions are compiled: one graph holding every supported op, a few random
+graphs, and the regions of whole merges. The generated source of many more random graphs is run
+as plain Python on numpy float32 scalars, which round as the compiled loop does.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_fusion import evaluate, same_bits
+from test_optimize import expressions
+
+from conftest import digests, write_spec
+from mergelang import fuse, native_regions, rng
+from mergelang.api import RunOptions, run
+from mergelang.check import TensorPlan
+from mergelang.graph import Node, const, with_random_key
+from mergelang.ops import native
+from mergelang.schedule import region
+
+SHAPE = (64, 33)
+NAME = "model.layers.3.mlp.up_proj.weight"
+
+
+@pytest.fixture(autouse=True)
+def small_chunks_and_own_cache(monkeypatch, tmp_path_factory):
+    """Regions of the tiny test tensors run natively; generated code goes to a folder of the session."""
+    monkeypatch.setattr(native, "MIN_ELEMENTS", 1)
+    monkeypatch.setenv(native_regions.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "native-cache"))
+
+
+def _data(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    data = {"a": torch.randn(shape, generator=g) * 0.02,
+            "b": (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16),
+            "c": (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16),
+            "d": (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)}  # finite: for the statistics
+    flat = data["a"].view(-1)
+    flat[:8] = torch.tensor([0.0, -0.0, 1e-40, -3e38, float("inf"), float("nan"), -float("inf"), 2e-45])
+    data["b"].view(-1)[1] = 0.0  # equal magnitudes across models, zeros that never agree in TIES
+    data["c"].view(-1)[2:5] = torch.tensor([-0.0, float("nan"), 1e-39])
+    data["c"].view(-1)[40:60] = data["c"].view(-1)[20]  # a run of equal magnitudes around a cutoff
+    return data
+
+
+def L(m: str) -> Node:
+    return Node("load", (), {"model": m})
+
+
+def every_op() -> Node:
+    """One graph whose output region holds every op native regions support."""
+    a, b, c, d = L("a"), L("b"), L("c"), L("d")
+    da, db = Node("sub", [a, c]), Node("sub", [b, c])
+    top = Node("keep_top", [da, Node("topk_cutoff", [da, const(0.4)])])
+    top_c = Node("keep_top", [db, Node("topk_cutoff", [db, const(0.5)])])
+    dare = with_random_key(Node("dare", [db, const(0.7), const(0)]))
+    rand = with_random_key(Node("keep_random", [da, const(0.3), const(1)]))
+    ties = Node("disjoint_merge", [top, dare, rand, const(0.5), const(0.3), const(0.2), const(1.0), const(0.0)])
+    count = Node("disjoint_merge", [top_c, dare, const(1.0), const(-1.0), const(0.0), const(1.0)])
+    plain = Node("disjoint_merge", [top, rand, const(2.0), const(0.5), const(0.0), const(0.0)])
+    ws = Node("weighted_sum", [a, b, c, const(0.3), const(0.4), const(0.2), const(1.0)])
+    raw = Node("weighted_sum", [a, b, const(0.3), const(-0.3), const(1.0)])  # weights sum to 0: no division
+    atleast = Node("keep_at_least", [ws, Node("mean", [Node("abs", [d])])])
+    choose = Node("ifelse", [Node("neg", [da]), Node("div", [db, const(3.0)]), const(1.0)])
+    dd = Node("sub", [d, b])
+    scaled = Node("mul", [Node("abs", [raw]), Node("l1_ratio", [dd, with_random_key(Node("keep_random", [dd, const(0.5), const(2)]))])])
+    rest = Node("avg", [ties, count, plain, choose, atleast, scaled, Node("mul", [c, const(0.1)])])
+    return Node("add", [Node("sum", [rest, b]), Node("div", [a, ws])])
+
+
+def native_fuser() -> fuse.Fuser:
+    fuser = fuse.Fuser("auto")
+    fuser.program = lambda steps, out_dtype=None: None  # nothing for inductor: native loops or eager
+    return fuser
+
+
+def loops_built(fuser: fuse.Fuser) -> list:
+    return [loop for loop in fuser.native._loops.values() if loop is not None]
+
+
+def test_every_op_gives_the_eager_bits_for_any_chunking():
+    data = _data(SHAPE)
+    graph = every_op()
+    for chunk in (33 * 64, 300, 33 * 5):
+        fuser = native_fuser()
+        expected = evaluate(graph, SHAPE, data, chunk)
+        got = evaluate(graph, SHAPE, data, chunk, fuser)
+        assert torch.isnan(expected).float().mean() < 0.05  # the special values stay where they are
+        assert same_bits(got, expected), chunk
+        ops = {s.node.op for (steps, _), loop in fuser.native._loops.items() if loop for s in steps if s.inputs}
+        assert ops >= native_regions.OPS_SUPPORTED, native_regions.OPS_SUPPORTED - ops
+
+
+@settings(max_examples=4, deadline=None)
+@given(expressions().filter(lambda n: n.op not in ("load", "const")), st.sampled_from([5, 12, 35]))
+def test_random_graphs_compiled_give_the_eager_bits(graph, chunk):
+    shape = (7, 5)
+    data = _data(shape, seed=1)
+    try:
+        expected = evaluate(graph, shape, data, chunk)
+    except ZeroDivisionError:
+        return
+    fuser = native_fuser()
+    assert same_bits(evaluate(graph, shape, data, chunk, fuser), expected), graph
+    assert loops_built(fuser)
+
+
+class _Interpreted:
+    """Runs the generated source as Python on numpy scalars (numba.njit replaced by the identity)."""
+
+    def __init__(self):
+        self._loops, self._lock = {}, native_regions.threading.Lock()
+
+    def _build(self, steps, kinds):
+        try:
+            source, random_steps = native_regions._generate(steps, kinds)
+        except native_regions._Unsupported:
+            return None
+        namespace = {"numba": types.SimpleNamespace(njit=lambda **kw: (lambda f: f))}
+        exec(compile(source.replace("import numba\n", ""), "<region>", "exec"), namespace)
+        return namespace["region"], random_steps
+
+
+@settings(max_examples=100, deadline=None)
+@given(expressions(), st.sampled_from([1, 5, 12, 35]))
+def test_generated_code_of_random_graphs_gives_the_eager_bits(graph, chunk):
+    shape = (7, 5)
+    data = _data(shape, seed=2)
+    fuser = native_fuser()
+    fuser.native._build = _Interpreted()._build
+    try:
+        expected = evaluate(graph, shape, data, chunk)
+    except ZeroDivisionError:  # constants divided by zero (a user error that check reports)
+        return
+    with np.errstate(all="ignore"):
+        got = evaluate(graph, shape, data, chunk, fuser)
+    assert same_bits(got, expected), graph
+    assert loops_built(fuser) or graph.op in ("load", "const")
+
+
+def test_the_region_runs_at_any_offset_in_a_block_of_2_to_the_32(monkeypatch):
+    """keep_random's draws for chunks that start near and past 2^32 (the rng's round keys change)."""
+    graph = with_random_key(Node("keep_random", [L("a"), const(0.4), const(3)]))
+    steps = region(graph)
+    x = torch.randn(1000)
+    regions = native_regions.NativeRegions()
+    for start in (0, (1 << 32) - 1000, 1 << 32, (5 << 32) + 123):
+        class Ev:
+            row_size, shape, device = 1, (1 << 40,), torch.device("cpu")
+            options = types.SimpleNamespace(seed=4)
+            tp = TensorPlan(NAME, graph, (1 << 40,), "F32")
+            read = types.SimpleNamespace(raw=lambda m, r0, r1, tensor=None: x)
+        got = regions.rows_of(Ev(), steps, start, start + 1000)
+        key = rng.derive_key(4, NAME, bytes.fromhex(graph.attr("key")))
+        keep = rng.keep_mask(key, start, 1000, 0.4)
+        assert torch.equal(got.view(torch.int32), torch.where(keep, x, 0.0).view(torch.int32)), start
+    assert regions.rows_of(Ev(), steps, (1 << 32) - 10, (1 << 32) + 990) is None  # across two blocks: eager
+
+
+def test_inputs_the_loop_does_not_take_keep_the_region_eager():
+    data = _data((7, 5))
+    data["h"] = data["b"].to(torch.float16)
+    graph = Node("add", [L("h"), L("a")])  # float16 is not read by the loops
+    fuser = native_fuser()
+    assert same_bits(evaluate(graph, (7, 5), data, 35, fuser), evaluate(graph, (7, 5), data, 35))
+    assert not loops_built(fuser)
+    graph = Node("add", [Node("sin", [L("a")]), L("b")])  # an op the loops do not have
+    fuser = native_fuser()
+    assert same_bits(evaluate(graph, (7, 5), data, 35, fuser), evaluate(graph, (7, 5), data, 35))
+    assert not fuser.native._loops and not native_regions.supported(region(graph))
+
+
+def test_small_chunks_stay_eager(monkeypatch):
+    monkeypatch.setattr(native, "MIN_ELEMENTS", 36)
+    data = _data((7, 5))
+    fuser = native_fuser()
+    graph = Node("sub", [L("a"), L("b")])
+    assert same_bits(evaluate(graph, (7, 5), data, 35, fuser), evaluate(graph, (7, 5), data, 35))
+    assert not fuser.native._loops
+
+
+def test_without_numba_the_region_stays_eager(monkeypatch):
+    monkeypatch.setenv(native.ENV, "0")
+    data = _data((7, 5))
+    fuser = native_fuser()
+    graph = Node("sub", [L("a"), L("b")])
+    assert same_bits(evaluate(graph, (7, 5), data, 35, fuser), evaluate(graph, (7, 5), data, 35))
+    assert not fuser.native._loops
+
+
+def test_a_loop_that_fails_to_compile_warns_once_and_runs_eagerly(monkeypatch, caplog):
+    def broken(*args):
+        raise TypeError("cannot type this")
+
+    monkeypatch.setattr(native_regions, "_load", lambda source: types.SimpleNamespace(region=broken))
+    data = _data((7, 5))
+    fuser = native_fuser()
+    graph = Node("mul", [Node("sub", [L("a"), L("b")]), const(3.0)])
+    with caplog.at_level(logging.WARNING):
+        got = evaluate(graph, (7, 5), data, 10, fuser)
+    assert same_bits(got, evaluate(graph, (7, 5), data, 10))
+    assert [r.message for r in caplog.records].count(
+        "a native region failed to compile, evaluating it eagerly: cannot type this") == 1
+    assert list(fuser.native._loops.values()) == [None]
+
+
+def forget_loaded_regions(monkeypatch) -> None:
+    for name in [n for n in sys.modules if n.startswith("mergelang_region_")]:
+        monkeypatch.delitem(sys.modules, name)
+
+
+def test_generated_code_is_kept_in_the_cache_folder_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv(native_regions.CACHE_ENV, str(tmp_path))
+    forget_loaded_regions(monkeypatch)
+    source = native_regions._generate(region(Node("sub", [L("a"), L("b")])), ("f32", "bf16"))[0]
+    module = native_regions._load(source)
+    (path,) = (tmp_path / "regions").glob("mergelang_region_*.py")
+    assert path.read_text() == source and module.__file__ == str(path)
+    assert native_regions._load(source) is module
+    out = np.empty(3, np.float32)
+    module.region(3, 0, np.uint64(0), np.zeros(0, np.uint64), np.array([1.0, 2.0, 3.0], np.float32),
+                  np.array([0x3F80, 0x4000, 0xBF80], np.uint16), out)  # bf16 1, 2, -1
+    assert out.tolist() == [0.0, 0.0, 4.0]
+
+
+def test_an_unwritable_cache_folder_falls_back_to_the_temporary_folder(tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv(native_regions.CACHE_ENV, str(blocked))
+    forget_loaded_regions(monkeypatch)
+    source = native_regions._generate(region(Node("add", [L("a"), L("b")])), ("f32", "f32"))[0]
+    module = native_regions._load(source)
+    fallback = native_regions._folders()[1]
+    assert Path(module.__file__).parent == fallback and not fallback.is_relative_to(blocked)
+
+
+SPEC = """\
+base = model("base")
+ft0 = model("ft0")
+ft1 = model("ft1")
+output avg(ties(base, [ft0, ft1], weights=[0.6, 0.4], density=0.5),
+           dare_linear(base, [ft0, ft1], weights=[0.5, 0.5], density=0.3),
+           linear([ft0, ft1], weights=[0.3, 0.7]))
+"""
+
+
+def test_merges_are_byte_identical_with_and_without_native_regions(family, tmp_path, monkeypatch):
+    spec = write_spec(family, SPEC, "native_regions.ml")
+    built = []
+    real = native_regions.NativeRegions._build
+    monkeypatch.setattr(native_regions.NativeRegions, "_build",
+                        lambda self, steps, kinds: built.append(real(self, steps, kinds)) or built[-1])
+    outs = {}
+    for mode in ("auto", "never"):
+        run(spec, tmp_path / mode, RunOptions(seed=5, chunk=300, compile=mode))
+        outs[mode] = digests(tmp_path / mode)
+    assert any(b is not None for b in built)
+    assert outs["auto"] == outs["never"]
+
+
+def test_nan_and_signed_zero_bits_survive_a_loop():
+    """Bits that arithmetic does not touch pass through as they are (a kept -0.0 stays -0.0)."""
+    x = torch.tensor([-0.0, 0.0, float("nan"), -float("inf"), 1e-45] * 7).reshape(7, 5)
+    data = {"a": x, "b": torch.zeros(7, 5, dtype=torch.bfloat16), "c": torch.zeros(7, 5, dtype=torch.bfloat16)}
+    graph = Node("keep_top", [L("a"), Node("topk_cutoff", [L("a"), const(0.9)])])  # 31 kept: zeros too
+    fuser = native_fuser()
+    got = evaluate(graph, (7, 5), data, 35, fuser)
+    assert loops_built(fuser)
+    assert torch.equal(got.view(torch.int32), evaluate(graph, (7, 5), data, 35).view(torch.int32))
+    assert got.view(-1)[0].view(torch.int32).item() == -(2**31)  # the first -0.0, kept as it is
