@@ -86,6 +86,32 @@ def test_histograms_match_torch(seed):
         assert torch.equal(low, S.low_histogram(S.magnitude_bits(x), high))
 
 
+@pytest.mark.parametrize("room", [1 << 20, 100])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_low_histogram_with_positions_matches_torch(monkeypatch, seed, room):
+    """The second pass's histogram, count, and noted places and low bits, native and torch, with
+    room for the whole bin and with too little (the count goes on, the buffers stop)."""
+    x = awkward(seed=seed)
+    for high in (int(S.magnitude_bits(x)[6]) >> S.LOW_BITS, int(S.magnitude_bits(x)[100]) >> S.LOW_BITS, 0):
+        results = []
+        for env in ("1", "0"):
+            monkeypatch.setenv(native.ENV, env)
+            hist = torch.zeros(1 << S.LOW_BITS, dtype=torch.int64)
+            positions = torch.full((room,), -1, dtype=torch.int64)
+            lows = torch.full((room,), -1, dtype=torch.int64)
+            count = S.add_low_histogram_positions(hist, x[:N // 2], high, 0, positions, lows, 3)
+            count = S.add_low_histogram_positions(hist, x[N // 2:], high, N // 2, positions, lows, count)
+            results.append((hist, count, positions, lows))
+        (h1, c1, p1, l1), (h0, c0, p0, l0) = results
+        assert torch.equal(h1, S.low_histogram(S.magnitude_bits(x), high))
+        assert torch.equal(h1, h0) and c1 == c0 == 3 + int(h1.sum())
+        assert torch.equal(p1, p0) and torch.equal(l1, l0)
+        noted = min(room, c1) - 3
+        in_bin = torch.nonzero((S.magnitude_bits(x) >> S.LOW_BITS) == high).flatten()
+        assert torch.equal(p1[3:3 + noted], in_bin[:noted])
+        assert torch.equal(l1[3:3 + noted], S.magnitude_bits(x)[in_bin[:noted]].long() & ((1 << S.LOW_BITS) - 1))
+
+
 @pytest.mark.parametrize("rank", [1, 1000, N // 2, N - 1])
 def test_top_k_cutoff_matches_sort(rank):
     """The streamed select with the native histograms keeps exactly the top `rank` rank keys of a
@@ -97,11 +123,14 @@ def test_top_k_cutoff_matches_sort(rank):
     assert int(keys[kept].min()) == int(keys.sort(descending=True).values[rank - 1])
 
 
+@pytest.mark.parametrize("room", [S.POSITIONS, 1000])
 @pytest.mark.parametrize("native_on", ["1", "0"])
 @pytest.mark.parametrize("into_group", [1, 2, 777, "last"])
-def test_top_k_cutoff_inside_a_run_of_equal_magnitudes(monkeypatch, native_on, into_group):
-    """The cut falls among entries of one magnitude: the third pass finds the last one kept by index."""
+def test_top_k_cutoff_inside_a_run_of_equal_magnitudes(monkeypatch, native_on, into_group, room):
+    """The cut falls among entries of one magnitude: the places the second pass noted give the last
+    one kept by index, or, when the bin had more entries than room, the third pass finds it."""
     monkeypatch.setenv(native.ENV, native_on)
+    monkeypatch.setattr(S, "POSITIONS", room)
     x = awkward(seed=4)
     x[10::7] = torch.where(torch.arange(len(x[10::7])) % 2 == 0, 0.01, -0.01)  # one magnitude, many entries
     keys = S.rank_keys(x, 0)

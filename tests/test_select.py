@@ -41,8 +41,10 @@ def tensors() -> list[torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("noted", [select.POSITIONS, 1], ids=["positions-noted", "third-pass-scan"])
 @pytest.mark.parametrize("x", tensors(), ids=lambda t: f"n{t.numel()}")
-def test_magnitude_at_each_rank_is_kthvalue(x):
+def test_magnitude_at_each_rank_is_kthvalue(x, noted, monkeypatch):
+    monkeypatch.setattr(select, "POSITIONS", noted)
     n = x.numel()
     a = x.reshape(-1).abs()
     order = reference_order(x)
@@ -90,11 +92,14 @@ def passes(x: torch.Tensor, rank: int, bound: str = "lower") -> int:
         p += 1
 
 
-def test_two_passes_unless_ties_straddle_the_cut():
+def test_two_passes_unless_ties_straddle_the_cut_in_a_bin_too_large_to_note(monkeypatch):
     distinct = torch.arange(1.0, 101.0)
     assert passes(distinct, 30) == 2
     ties = torch.tensor([3.0, 1.0, 2.0, 2.0, 2.0, 0.5])
-    # descending: 3, then the three 2s (indices 2, 3, 4), then 1 and 0.5
+    # descending: 3, then the three 2s (indices 2, 3, 4, alone in their high bin), then 1 and 0.5
+    for rank, bound in ((4, "lower"), (2, "lower"), (3, "lower"), (2, "upper"), (3, "upper")):
+        assert passes(ties, rank, bound) == 2  # the second pass noted where the three 2s are
+    monkeypatch.setattr(select, "POSITIONS", 2)  # too few places for the bin of the 2s
     assert passes(ties, 4) == 2  # all three 2s are kept: no scan
     assert passes(ties, 2) == 3  # one of the three 2s is kept: find its index
     assert passes(ties, 3) == 3

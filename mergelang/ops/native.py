@@ -50,7 +50,8 @@ def _import():
     except Exception as error:  # not installed, or broken (an LLVM or cache setup error): stay correct
         log.warning("numba could not be loaded (%s): the torch kernels run instead", error)
         return None
-    names = ("select_random", "high_histogram", "low_histogram", "keep_at_least", "disjoint_merge", "nth_equal")
+    names = ("select_random", "high_histogram", "low_histogram", "low_histogram_positions", "keep_at_least",
+             "disjoint_merge", "nth_equal", "abs_sum_bins")
     return {"np": np, **{name: getattr(native_loops, name) for name in names}}
 
 
@@ -106,6 +107,20 @@ def low_histogram(x: torch.Tensor, hist: torch.Tensor, high: int, low_bits: int)
     return True
 
 
+def low_histogram_positions(x: torch.Tensor, hist: torch.Tensor, high: int, low_bits: int, first: int,
+                            positions: torch.Tensor, lows: torch.Tensor, count: int) -> int | None:
+    """low_histogram, also writing the flat index (first + j) and the low bits of each entry it
+    counts into positions and lows (int64) from `count` on, while they have room; returns count plus
+    the entries counted, or None where this loop does not apply (nothing added)."""
+    loops = _loops() if _fits(x) and hist.dtype == torch.int64 and hist.is_contiguous() else None
+    if loops is None:
+        return None
+    np = loops["np"]
+    return int(loops["low_histogram_positions"](_bits(x, np), hist.numpy(), np.uint32(high), np.uint32(low_bits),
+                                                np.uint32((1 << low_bits) - 1), first, positions.numpy(),
+                                                lows.numpy(), count))
+
+
 def nth_equal(x: torch.Tensor, t: int, n: int) -> tuple[int, int] | None:
     """(flat index in x, n) of the n-th entry (1-based) whose magnitude bits are t, or (-1, how many
     there are) when x has fewer; None where this loop does not apply."""
@@ -115,6 +130,20 @@ def nth_equal(x: torch.Tensor, t: int, n: int) -> tuple[int, int] | None:
     np = loops["np"]
     j, count = loops["nth_equal"](_bits(x, np), np.uint32(t), n)
     return int(j), int(count)
+
+
+ABS_SUM_LANES = 4  # rows of bins native_loops.abs_sum_bins uses in turn (that module loads only when used)
+
+
+def abs_sum_bins(x: torch.Tensor, bins: torch.Tensor) -> bool:
+    """abs_sum.AbsSum's bins (int64, ABS_SUM_LANES × 256) += x's significands by exponent field;
+    False where this loop does not apply (nothing added)."""
+    loops = _loops() if _fits(x) else None
+    if loops is None:
+        return False
+    np = loops["np"]
+    loops["abs_sum_bins"](_bits(x, np), bins.numpy())
+    return True
 
 
 def keep_at_least(x: torch.Tensor, t: int) -> torch.Tensor | None:

@@ -48,6 +48,23 @@ def low_histogram(xbits, hist, high, shift, low_mask):
 
 
 @jit
+def low_histogram_positions(xbits, hist, high, shift, low_mask, first, positions, lows, count):
+    """low_histogram, and the flat index (first + j) and low bits of each counted entry written at
+    positions[count], lows[count] onwards while they have room. Returns count + the entries counted."""
+    cap = positions.shape[0]
+    for j in range(xbits.shape[0]):
+        b = xbits[j] & ABS
+        if (b >> shift) == high:
+            low = b & low_mask
+            hist[low] += 1
+            if count < cap:
+                positions[count] = first + j
+                lows[count] = low
+            count += 1
+    return count
+
+
+@jit
 def keep_at_least(xbits, out, t):
     """out[j] = xbits[j] where its magnitude bits are >= t, else 0 (+0.0)."""
     for j in range(xbits.shape[0]):
@@ -123,3 +140,18 @@ def nth_equal(xbits, t, n):
             if count == n:
                 return j, count
     return -1, count
+
+
+
+MANTISSA, HIDDEN = np.uint32(0x7FFFFF), np.uint32(0x800000)
+
+
+@jit
+def abs_sum_bins(xbits, bins):
+    """bins[j % 4, exponent field of x_j] += its significand (with the hidden bit where the field
+    is not 0). One store per entry and no branch: a second store site for infinities and NaNs made
+    the loop twenty times slower; abs_sum.py looks at those apart."""
+    for j in range(xbits.shape[0]):
+        b = xbits[j] & ABS
+        e = b >> np.uint32(23)
+        bins[j & 3, e] += np.int64((b & MANTISSA) | (HIDDEN if e != ZERO else ZERO))

@@ -17,8 +17,10 @@ The k-th entry is found in two or three passes over the chunks:
 2. a histogram of the low 15 bits of the entries in that bin gives the exact magnitude t of
    rank k — the value `torch.kthvalue` returns for the matching ascending rank — and how many
    of the entries equal to t rank before it;
-3. only when the entries equal to t straddle the cut (some kept, some not): a scan for the
-   flat index of the last one kept.
+3. only when the entries equal to t straddle the cut (some kept, some not): the flat index of
+   the last one kept. The second pass notes the place of every entry of the chosen bin (up to
+   POSITIONS of them), so that index is usually known then; only a larger bin takes a third pass,
+   a scan.
 
 Memory is two fixed histograms; work is O(n). So exactly k entries are kept, as in mergekit,
 whose choice among equal magnitudes follows an unstable sort; here the lower index wins, so the
@@ -42,6 +44,7 @@ _INDEX_MASK = (1 << INDEX_BITS) - 1
 MAX_ENTRIES = 1 << INDEX_BITS
 KEEP_ALL = 0  # a cutoff below every key
 KEEP_NONE = (1 << 63) - 1  # a cutoff above every key
+POSITIONS = 1 << 20  # entries of the chosen high bin whose places the second pass notes (16 MB)
 
 
 def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
@@ -75,6 +78,24 @@ def add_low_histogram(hist: torch.Tensor, x: torch.Tensor, high: int) -> None:
     """hist (2**LOW_BITS int64) += low_histogram of x's magnitude bits for the bin `high`."""
     if not native.low_histogram(x, hist, high, LOW_BITS):
         hist += low_histogram(magnitude_bits(x), high)
+
+
+def add_low_histogram_positions(hist: torch.Tensor, x: torch.Tensor, high: int, first: int,
+                                positions: torch.Tensor, lows: torch.Tensor, count: int) -> int:
+    """add_low_histogram, and the flat index (first + j) and low bits of the entries of the bin
+    `high` written into positions and lows from `count` on, while they have room (CPU int64 buffers
+    of one length); returns count plus the entries of the bin in x."""
+    done = native.low_histogram_positions(x, hist, high, LOW_BITS, first, positions, lows, count)
+    if done is not None:
+        return done
+    bits = magnitude_bits(x)
+    index = torch.nonzero((bits >> LOW_BITS) == high).flatten()
+    low = bits[index].to(torch.int64) & ((1 << LOW_BITS) - 1)
+    hist += torch.bincount(low, minlength=1 << LOW_BITS)
+    room = max(0, min(index.numel(), positions.numel() - count))
+    positions[count:count + room] = index[:room].cpu() + first
+    lows[count:count + room] = low[:room].cpu()
+    return count + index.numel()
 
 
 def rank_keys(x: torch.Tensor, start: int) -> torch.Tensor:
@@ -169,20 +190,28 @@ class RankCutoff:
         self.rank, self.bound, self.key = rank, bound, fixed
         self.hist = torch.zeros(1 << HIGH_BITS, dtype=torch.int64, device=self.device)
         self.high = self.rank_in_bin = self.bits = self.tie = 0
-        self.seen = 0  # entries scanned so far in the third pass
+        self.seen = 0  # entries seen so far in this pass
         self.pass_complete = False  # the executor may skip the rest of the chunks of this pass
+        # The second pass notes where the entries of the chosen high bin are (when they fit these
+        # buffers), so that the entry that splits a run of equal magnitudes is found without a third.
+        self.positions = self.lows = None
+        self.in_bin = 0
 
     def update(self, pass_: int, x: torch.Tensor) -> None:
         if self.rank is None or x.numel() == 0:
             return
-        if pass_ >= 2:
-            start, self.seen = self.seen, self.seen + x.numel()
-            if self.tie <= 0:
-                return  # found in an earlier chunk
+        start, self.seen = self.seen, self.seen + x.numel()
+        if pass_ >= 2 and self.tie <= 0:
+            return  # found in an earlier chunk
         if pass_ == 0:
             add_high_histogram(self.hist, x)
         elif pass_ == 1:
-            add_low_histogram(self.hist, x, self.high)
+            if self.positions is None:
+                room = min(self.n, POSITIONS)
+                self.positions = torch.empty(room, dtype=torch.int64)
+                self.lows = torch.empty(room, dtype=torch.int64)
+            self.in_bin = add_low_histogram_positions(self.hist, x, self.high, start, self.positions, self.lows,
+                                                      self.in_bin)
         else:
             found = native.nth_equal(x, self.bits, self.tie)
             if found is None:
@@ -198,6 +227,7 @@ class RankCutoff:
     def end_pass(self, pass_: int) -> bool:
         if self.rank is None or self.n == 0:
             return True
+        self.seen = 0
         if pass_ == 0:
             self.high, self.rank_in_bin = _pick(self.hist, self.rank)
             self.hist = torch.zeros(1 << LOW_BITS, dtype=torch.int64, device=self.device)
@@ -206,13 +236,18 @@ class RankCutoff:
             low, self.tie = _pick(self.hist, self.rank_in_bin)  # the tie-th entry equal to t, by index
             ties = int(self.hist[low].item())
             self.bits = (self.high << LOW_BITS) | low
+            self.hist = None
+            positions, lows, self.positions, self.lows = self.positions, self.lows, None, None
             if self.bound == "lower" and self.tie == ties:  # every entry equal to t is kept
                 self.key = self.bits << INDEX_BITS
                 return True
             if self.bound == "upper" and self.tie == 1:
                 self.key = (self.bits << INDEX_BITS) | _INDEX_MASK
                 return True
-            self.hist = None
+            if self.in_bin <= positions.numel():  # every entry of the bin was noted: no third pass
+                noted = positions[: self.in_bin][lows[: self.in_bin] == low]  # in index order
+                self.key = (self.bits << INDEX_BITS) | (_INDEX_MASK - int(noted[self.tie - 1]))
+                return True
             return False
         return True
 

@@ -19,6 +19,7 @@ import torch
 
 from .. import rng
 from . import native, select  # select also registers topk_cutoff and band_cutoff
+from .abs_sum import AbsSum
 from .fast import zero_unless
 from .registry import SEED, KernelContext, Param, in_range, op
 
@@ -150,24 +151,24 @@ def magprune(ctx: KernelContext, x, *, density: float, epsilon: float, seed: int
 
 @op("l1_ratio", 2, kind="reduce", tensor_inputs=True)
 class L1Ratio:
-    """l1_ratio(x, y): ‖x‖₁ / ‖y‖₁ over the whole tensor (sums in float64), or 1 when either norm is
-    below 1e-7. `y * l1_ratio(x, y)` is mergekit's `rescale`: the sparsified y scaled back to the L1
-    norm of the dense x."""
+    """l1_ratio(x, y): ‖x‖₁ / ‖y‖₁ over the whole tensor, or 1 when either norm is below 1e-7. Each
+    norm is the exact sum rounded once to float64 (abs_sum.py: the same for any chunking and device),
+    their ratio is taken in float64 and rounded to float32. `y * l1_ratio(x, y)` is mergekit's
+    `rescale`: the sparsified y scaled back to the L1 norm of the dense x."""
 
     def __init__(self, ctx: KernelContext, shape: tuple[int, ...]):
         self.device = ctx.device
-        self.num = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.den = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.num, self.den = AbsSum(), AbsSum()
 
     def update(self, pass_: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.num += x.abs().sum(dtype=torch.float64)
-        self.den += y.abs().sum(dtype=torch.float64)
+        self.num.add(x)
+        self.den.add(y)
 
     def end_pass(self, pass_: int) -> bool:
         return True
 
     def result(self) -> torch.Tensor:
-        num, den = self.num.item(), self.den.item()
+        num, den = self.num.value(), self.den.value()
         ratio = 1.0 if num < EPS_NORM or den < EPS_NORM else num / den
         return torch.tensor(ratio, dtype=torch.float32, device=self.device)
 
