@@ -335,10 +335,10 @@ class Fuser:
         for i in compiled.program.leaves:
             n = steps[i].node
             if n.op == "load":
-                leaves.append(raw(n.attr("model"), r0, r1, n.attr("tensor")))
+                leaves.append(_not_a_view(raw(n.attr("model"), r0, r1, n.attr("tensor"))))
             else:
                 full = evaluator.full(n)
-                leaves.append(full if full.dim() == 0 else full[r0:r1])
+                leaves.append(full if full.dim() == 0 else _not_a_view(full[r0:r1]))
         keys = []
         for i in compiled.program.random:
             key = rng.derive_key(evaluator.options.seed, evaluator.tp.name, bytes.fromhex(steps[i].node.attr("key")))
@@ -347,6 +347,16 @@ class Fuser:
         keys_t = [torch.tensor(k, dtype=torch.int64, device=device) for k in keys]
         start_t = torch.tensor(start, dtype=torch.int64, device=device)
         return compiled(leaves, keys_t, start_t)
+
+
+def _not_a_view(x: torch.Tensor) -> torch.Tensor:
+    """x's memory as a tensor that is not a view. Inductor (torch 2.13) miscompiled a region whose
+    input was a view of a tensor of the same shape (rows [0, n) of an n-row value): a dare mask
+    came out empty. tests/test_fusion.py has the case."""
+    if x._base is None:
+        return x
+    return torch.empty(0, dtype=x.dtype, device=x.device).set_(x.untyped_storage(), x.storage_offset(),
+                                                               x.shape, x.stride())
 
 
 class Compiled:

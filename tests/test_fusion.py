@@ -188,6 +188,16 @@ def test_a_chunk_across_two_rng_blocks_is_evaluated_eagerly():
     assert fuser.rows_of(Ev(), steps, 4095, 4097) is None  # these rows hold elements 2^32 - 2^20 .. 2^32 + 2^20
 
 
+def test_a_region_over_a_view_of_a_whole_value_gives_the_eager_bits():
+    """Rows [0, n) of an n-row input are a view of the same shape; inductor miscompiled a region
+    over one (every entry of a dare came out -0.0) until leaves were passed as tensors of their own."""
+    graph = Node("neg", [Node("avg", [with_random_key(Node("dare", [L("a"), const(0.5), const(0)]))])])
+    data = _data(SHAPE, seed=1)
+    fuser = fuse.Fuser("always")
+    assert same_bits(evaluate(graph, SHAPE, data, SHAPE[0] * SHAPE[1], fuser),
+                     evaluate(graph, SHAPE, data, SHAPE[0] * SHAPE[1]))
+
+
 def test_ops_without_a_traceable_kernel_keep_their_region_eager():
     graph = Node("add", [Node("sin", [L("a")]), L("b")])
     fuser = fuse.Fuser("always")
