@@ -146,16 +146,27 @@ class TensorEvaluator:
     def load_rows(self, node: Node, r0: int, r1: int) -> torch.Tensor:
         """Rows [r0, r1) of an input, as float32. With keep_loads, an input that several regions read
         is read once, whole and as stored, when it fits the budget, and sliced after that."""
-        model, tensor = node.attr("model"), node.attr("tensor")
+        whole = self._whole_load(node)
+        if whole is None:
+            return self.read(node.attr("model"), r0, r1, node.attr("tensor"))
+        return whole[r0:r1].to(torch.float32)
+
+    def load_raw(self, node: Node, r0: int, r1: int) -> torch.Tensor:
+        """The same rows as stored (bf16, f16 or f32), for compiled and native regions."""
+        whole = self._whole_load(node)
+        if whole is None:
+            return self.read.raw(node.attr("model"), r0, r1, node.attr("tensor"))
+        return whole[r0:r1]
+
+    def _whole_load(self, node: Node) -> torch.Tensor | None:
         whole = self.loads.get(node)
         if whole is None and self.keep_loads and node in self.shared_loads():
+            model, tensor = node.attr("model"), node.attr("tensor")
             nbytes = self.rows * self.row_size * self.read.itemsize(model, tensor)
             if self.cached_bytes + nbytes <= self.budget:
                 whole = self.loads[node] = self.read.raw(model, 0, self.rows, tensor)
                 self.cached_bytes += whole.numel() * whole.element_size()
-        if whole is None:
-            return self.read(model, r0, r1, tensor)
-        return whole[r0:r1].to(torch.float32)
+        return whole
 
     def apply(self, node: Node, args: list, ctx: KernelContext):
         spec = OPS[node.op]

@@ -318,8 +318,7 @@ class NativeRegions:
         loops = native._loops()
         if loops is None:
             return None
-        raw = getattr(evaluator.read, "raw", None)
-        if raw is None:
+        if getattr(evaluator.read, "raw", None) is None:
             return None
         leaves = []
         for s in steps:
@@ -327,7 +326,7 @@ class NativeRegions:
             if s.inputs or n.op == "const":
                 continue
             if n.op == "load":
-                leaves.append(raw(n.attr("model"), r0, r1, n.attr("tensor")))
+                leaves.append(evaluator.load_raw(n, r0, r1))
             else:
                 full = evaluator.full(n)
                 leaves.append(full if full.dim() == 0 else full[r0:r1])
