@@ -18,8 +18,8 @@ from mergelang.io.output_file import PAGE, OutputFile, Staging, direct_io_defaul
 needs_o_direct = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this system")
 
 
-def direct_file(path: Path, size: int, stage_bytes: int = 2 * PAGE) -> OutputFile:
-    file = OutputFile(path, size, Staging(stage_bytes))
+def direct_file(path: Path, size: int, stage_bytes: int = 2 * PAGE, runs: int = 2) -> OutputFile:
+    file = OutputFile(path, size, Staging(stage_bytes, runs))
     if not file.direct:
         file.abort()
         pytest.skip(f"the file system of {path.parent} refuses O_DIRECT")
@@ -47,11 +47,12 @@ def write_pieces(file: OutputFile, parts: list[tuple[int, bytes]]) -> None:
     cuts=st.lists(st.integers(0, 10 * PAGE), max_size=12),
     seed=st.integers(0, 2**16),
     stage_pages=st.integers(1, 3),
+    runs=st.integers(1, 3),
 )
-def test_direct_writes_in_any_order_give_the_bytes_written(tmp_path_factory, size, cuts, seed, stage_pages):
+def test_direct_writes_in_any_order_give_the_bytes_written(tmp_path_factory, size, cuts, seed, stage_pages, runs):
     data = random.Random(seed).randbytes(size)
     path = tmp_path_factory.mktemp("direct") / "out.bin"
-    file = direct_file(path, size, stage_pages * PAGE)
+    file = direct_file(path, size, stage_pages * PAGE, runs)
     write_pieces(file, pieces(data, cuts, seed))
     assert path.read_bytes() == data
 
@@ -142,4 +143,58 @@ def test_buffered_files_give_the_bytes_written(tmp_path: Path):
     file = OutputFile(tmp_path / "out.bin", len(data))
     assert not file.direct
     write_pieces(file, pieces(data, [5, PAGE, 2 * PAGE + 7], 10))
+    assert (tmp_path / "out.bin").read_bytes() == data
+
+
+@needs_o_direct
+def test_writes_that_follow_one_another_go_to_disk_a_full_run_at_a_time(tmp_path: Path, monkeypatch):
+    """Two streams written alternately (tensors side by side): each gathers its own run, and the
+    disk sees runs of the staging size, not one write per chunk."""
+    sizes: list[int] = []
+    real = os.pwrite
+
+    def counting(fd, data, offset):
+        sizes.append(len(data))
+        return real(fd, data, offset)
+
+    data = random.Random(11).randbytes(64 * PAGE)
+    file = direct_file(tmp_path / "out.bin", len(data), stage_bytes=8 * PAGE, runs=2)
+    monkeypatch.setattr(os, "pwrite", counting)
+    half = len(data) // 2
+    for k in range(0, half, 2 * PAGE):  # chunks of two pages, the two halves in turn
+        file.write(memoryview(data[k : k + 2 * PAGE]), k)
+        file.write(memoryview(data[half + k : half + k + 2 * PAGE]), half + k)
+    file.close()
+    assert sizes == [8 * PAGE] * 8
+    assert (tmp_path / "out.bin").read_bytes() == data
+
+
+@needs_o_direct
+def test_a_run_beyond_the_limit_is_written_early_and_nothing_is_lost(tmp_path: Path):
+    data = random.Random(12).randbytes(12 * PAGE)
+    file = direct_file(tmp_path / "out.bin", len(data), stage_bytes=8 * PAGE, runs=1)
+    for k in (0, 6, 3, 9):  # four streams of one or more pages, one run allowed at a time
+        file.write(memoryview(data[k * PAGE : (k + 3) * PAGE]), k * PAGE)
+        assert len(file._staging.runs) <= 1
+    file.close()
+    assert (tmp_path / "out.bin").read_bytes() == data
+
+
+@needs_o_direct
+def test_chunks_that_do_not_end_on_a_page_still_make_full_runs(tmp_path: Path, monkeypatch):
+    """The page two chunks share joins the run when it fills, so the next chunk's pages go on it."""
+    sizes: list[int] = []
+    real = os.pwrite
+
+    def counting(fd, data, offset):
+        sizes.append(len(data))
+        return real(fd, data, offset)
+
+    data = random.Random(13).randbytes(40 * PAGE + 100)
+    file = direct_file(tmp_path / "out.bin", len(data), stage_bytes=8 * PAGE, runs=2)
+    monkeypatch.setattr(os, "pwrite", counting)
+    for k in range(0, len(data), 3 * PAGE + 7):
+        file.write(memoryview(data[k : k + 3 * PAGE + 7]), k)
+    file.close()
+    assert sizes == [8 * PAGE] * 5 + [PAGE]  # the last page, written whole and cut at close
     assert (tmp_path / "out.bin").read_bytes() == data

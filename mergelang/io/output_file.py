@@ -5,8 +5,9 @@ A buffered write copies every byte into a newly allocated page-cache page, which
 back later; for an output the size of a model that copy is a large share of a merge's CPU time, and
 the dirty pages crowd out the inputs' cached pages. With O_DIRECT the disk reads the bytes from our
 memory instead. O_DIRECT wants page-aligned memory, offsets and lengths, while tensors start at any
-byte: so the whole pages inside a write are copied into aligned staging memory and written at once,
-and the bytes at either end, which share a page with data not yet written, wait in a page buffer
+byte: so the whole pages inside a write are copied into aligned staging memory, gathered into runs
+of up to 4 MB while writes follow one another (Staging), and written a run at a time; the bytes
+at either end, which share a page with data not yet written, wait in a page buffer
 until that page is full. The file's last page is written whole and the file cut back to its size
 when it is closed. Each byte must be written once (the writer writes each element once).
 
@@ -25,6 +26,7 @@ from pathlib import Path
 ENV = "MERGELANG_DIRECT_IO"
 PAGE = 4096
 STAGE_BYTES = 4 << 20
+MAX_RUNS = 8
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _FALLOCATE_UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
 # Buffered data is handed to the disk in steps of this size while the merge runs, so that the fsync
@@ -65,17 +67,23 @@ def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 class Staging:
-    """Page-aligned memory for direct writes, shared by the files of one output, one write at a time."""
+    """Page-aligned memory for the direct writes of one output's files, one write at a time: runs of
+    whole pages gathered until a run fills its buffer (a chunk is 1-2 MB; a direct write waits for
+    the disk, and larger ones keep it busier). A run goes on while the next write starts where it
+    ends: tensors written side by side each make their own. At most `runs` wait at once; beyond
+    that the oldest is written as it is."""
 
-    def __init__(self, nbytes: int = STAGE_BYTES):
+    def __init__(self, nbytes: int = STAGE_BYTES, runs: int = MAX_RUNS):
         self.lock = threading.Lock()
-        self._nbytes = nbytes
-        self._view: memoryview | None = None
+        self.nbytes, self.max_runs = nbytes, runs
+        self.runs: dict[tuple[int, int], list] = {}  # (file id, end offset) → [file, start, buffer], oldest first
+        self._free: list[memoryview] = []
 
-    def view(self) -> memoryview:
-        if self._view is None:
-            self._view = memoryview(mmap.mmap(-1, self._nbytes))
-        return self._view
+    def take(self) -> memoryview:
+        return self._free.pop() if self._free else memoryview(mmap.mmap(-1, self.nbytes))
+
+    def give(self, buffer: memoryview) -> None:
+        self._free.append(buffer)
 
 
 class OutputFile:
@@ -148,14 +156,37 @@ class OutputFile:
             self._into_pages(data, offset)
             return
         self._into_pages(data[: first - offset], offset)
-        stage = self._staging.view()
-        position = first
-        while position < last:
-            n = min(len(stage), last - position)
-            stage[:n] = data[position - offset : position - offset + n]
-            pwrite_all(self.fd, stage[:n], position)
-            position += n
+        self._into_runs(data[first - offset : last - offset], first)
         self._into_pages(data[last - offset :], last)
+
+    def _into_runs(self, data: memoryview, position: int) -> None:
+        """Whole pages: appended to the run that ends at `position`, or the start of a new one."""
+        staging = self._staging
+        while len(data):
+            run = staging.runs.pop((id(self), position), None)
+            if run is None:
+                while len(staging.runs) >= staging.max_runs:
+                    oldest = next(iter(staging.runs))
+                    staging.runs[oldest][0]._write_run(oldest)
+                run = [self, position, staging.take()]
+            _, start, buffer = run
+            used = position - start
+            n = min(len(buffer) - used, len(data))
+            buffer[used : used + n] = data[:n]
+            position, data = position + n, data[n:]
+            staging.runs[(id(self), position)] = run
+            if position - start == len(buffer):
+                self._write_run((id(self), position))
+
+    def _write_run(self, key: tuple[int, int]) -> None:
+        _, start, buffer = self._staging.runs[key]
+        pwrite_all(self.fd, buffer[: key[1] - start], start)
+        del self._staging.runs[key]  # only once written: a failed write leaves it for the page cache
+        self._staging.give(buffer)
+
+    def _write_runs(self) -> None:
+        for key in [k for k in self._staging.runs if k[0] == id(self)]:
+            self._write_run(key)
 
     def _into_pages(self, data: memoryview, offset: int) -> None:
         position, end = offset, offset + len(data)
@@ -169,12 +200,15 @@ class OutputFile:
             page[0][position - base : stop - base] = data[position - offset : stop - offset]
             page[1] += stop - position
             if page[1] >= min(PAGE, self.size - base):
-                pwrite_all(self.fd, memoryview(page[0]), base)  # the last page whole; cut at close
+                self._into_runs(memoryview(page[0]), base)  # the last page whole; cut at close
                 del self._pages[index]
             position = stop
 
     def _flush_pages(self) -> None:
-        """Write every waiting page whole: bytes not yet given are zeros, as in the file."""
+        """Write every waiting run, and every waiting page whole: bytes not yet given are zeros, as
+        in the file."""
+        if self._staging is not None:
+            self._write_runs()
         for index, (page, _) in sorted(self._pages.items()):
             pwrite_all(self.fd, memoryview(page), index * PAGE)
         self._pages.clear()
@@ -207,6 +241,10 @@ class OutputFile:
 
     def abort(self) -> None:
         """Close without writing what waits (the file is left incomplete)."""
+        if self._staging is not None:
+            with self._lock:
+                for key in [k for k in self._staging.runs if k[0] == id(self)]:
+                    self._staging.give(self._staging.runs.pop(key)[2])
         if self.fd is not None:
             try:
                 os.close(self.fd)
