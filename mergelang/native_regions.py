@@ -282,6 +282,18 @@ def _emit(w: _Writer, op: str, i: int, inputs: list[_Arg], p: dict, random_steps
     return _Arg(out, "f")
 
 
+BUILDING = object()
+
+
+def _signature(kinds: tuple[str, ...]) -> tuple:
+    """The argument types of a region's loop: the argument list that rows_of passes."""
+    from numba import types
+
+    leaf = {"bf16": types.uint16[::1], "f32": types.float32[::1], "scalar": types.float32, "int": types.int64}
+    return (types.int64, types.int64, types.uint64, types.uint64[::1], *(leaf[k] for k in kinds),
+            types.float32[::1])
+
+
 def supported(steps: tuple[Step, ...]) -> bool:
     ops = [s.node.op for s in steps if s.inputs]
     return bool(ops) and all(op in OPS_SUPPORTED for op in ops)
@@ -303,7 +315,7 @@ class NativeRegions:
     region and leaf kinds, shared by the threads that evaluate tensors side by side."""
 
     def __init__(self):
-        self._loops: dict[tuple, object] = {}  # (steps, kinds) → (function, random steps), or None
+        self._loops: dict[tuple, object] = {}  # (steps, kinds) → (function, random steps), None, or BUILDING
         self._lock = threading.Lock()
 
     def rows_of(self, evaluator, steps: tuple[Step, ...], r0: int, r1: int):
@@ -353,22 +365,26 @@ class NativeRegions:
             else:
                 args.append(np.int64(v.item()))
         out = torch.empty((r1 - r0,) + tuple(evaluator.shape[1:]), dtype=torch.float32)
-        try:  # the first call compiles, or loads the machine code from numba's cache
-            function(count, start, np.uint64(start & rng.MASK32), np.array(keys, dtype=np.uint64), *args,
-                     out.reshape(-1).numpy())
-        except Exception as error:  # numba failing on generated code must not fail the merge
-            log.warning("a native region failed to compile, evaluating it eagerly: %s", error)
-            with self._lock:
-                self._loops[(steps, kinds)] = None
-            return None
+        function(count, start, np.uint64(start & rng.MASK32), np.array(keys, dtype=np.uint64), *args,
+                 out.reshape(-1).numpy())
         return out
 
     def _loop(self, steps: tuple[Step, ...], kinds: tuple[str, ...]):
+        """The loop of this region for these leaf kinds; None where there is none, or while another
+        thread builds it (its chunks meanwhile run eagerly, to the same bits)."""
         key = (steps, kinds)
         with self._lock:
-            if key not in self._loops:
-                self._loops[key] = self._build(steps, kinds)
-            return self._loops[key]
+            if key in self._loops:
+                loop = self._loops[key]
+                return None if loop is BUILDING else loop
+            self._loops[key] = BUILDING
+        loop = None
+        try:
+            loop = self._build(steps, kinds)
+        finally:
+            with self._lock:
+                self._loops[key] = loop
+        return loop
 
     def _build(self, steps, kinds):
         try:
@@ -377,10 +393,12 @@ class NativeRegions:
             log.debug("region stays eager: %s", why)
             return None
         try:
-            return _load(source).region, random_steps
-        except Exception as error:  # no folder to write the code to, or numba failing to import it
-            log.warning("a native region could not be loaded, evaluating it eagerly: %s", error)
+            function = _load(source).region
+            function.compile(_signature(kinds))  # or loads it from numba's cache
+        except Exception as error:  # no folder for the code, or numba failing on it: stay correct
+            log.warning("a native region failed to compile, evaluating it eagerly: %s", error)
             return None
+        return function, random_steps
 
 
 def _folders() -> tuple[Path, Path]:

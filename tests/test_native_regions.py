@@ -203,10 +203,11 @@ def test_without_numba_the_region_stays_eager(monkeypatch):
 
 
 def test_a_loop_that_fails_to_compile_warns_once_and_runs_eagerly(monkeypatch, caplog):
-    def broken(*args):
+    def broken(signature):
         raise TypeError("cannot type this")
 
-    monkeypatch.setattr(native_regions, "_load", lambda source: types.SimpleNamespace(region=broken))
+    region = types.SimpleNamespace(compile=broken)
+    monkeypatch.setattr(native_regions, "_load", lambda source: types.SimpleNamespace(region=region))
     data = _data((7, 5))
     fuser = native_fuser()
     graph = Node("mul", [Node("sub", [L("a"), L("b")]), const(3.0)])
@@ -282,3 +283,25 @@ def test_nan_and_signed_zero_bits_survive_a_loop():
     assert loops_built(fuser)
     assert torch.equal(got.view(torch.int32), evaluate(graph, (7, 5), data, 35).view(torch.int32))
     assert got.view(-1)[0].view(torch.int32).item() == -(2**31)  # the first -0.0, kept as it is
+
+
+def test_a_region_another_thread_is_building_runs_eagerly_meanwhile():
+    data = _data((7, 5))
+    graph = Node("sub", [L("a"), L("b")])
+    fuser = native_fuser()
+    kinds = ("f32", "bf16")
+    fuser.native._loops[(region(graph), kinds)] = native_regions.BUILDING
+    assert same_bits(evaluate(graph, (7, 5), data, 35, fuser), evaluate(graph, (7, 5), data, 35))
+    assert fuser.native._loops[(region(graph), kinds)] is native_regions.BUILDING  # not built twice
+    del fuser.native._loops[(region(graph), kinds)]
+    evaluate(graph, (7, 5), data, 35, fuser)
+    assert loops_built(fuser)
+
+
+def test_while_another_thread_imports_numba_the_loops_are_not_waited_for(monkeypatch):
+    monkeypatch.setattr(native, "_import", native._import)  # the cache is restored after the test
+    loaded = native._loops()
+    native._import.cache_clear()
+    with native._importing:  # another thread is importing numba
+        assert native._loops() is None
+    assert native._loops() == loaded

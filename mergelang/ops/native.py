@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 
 import torch
 
@@ -33,9 +34,22 @@ ENV = "MERGELANG_NATIVE"
 MIN_ELEMENTS = 1 << 16
 
 
+_importing = threading.Lock()
+
+
 def _loops():
-    """The compiled loops, or None where numba is unavailable or turned off."""
-    return None if os.environ.get(ENV, "1") == "0" else _import()
+    """The compiled loops, or None where numba is unavailable or turned off, or while another thread
+    is importing it (0.2 s and more): that thread's chunk waits for it, this one takes the torch path."""
+    if os.environ.get(ENV, "1") == "0":
+        return None
+    if _import.cache_info().currsize:
+        return _import()
+    if not _importing.acquire(blocking=False):
+        return None
+    try:
+        return _import()
+    finally:
+        _importing.release()
 
 
 @functools.cache
