@@ -85,11 +85,12 @@ class TensorEvaluator:
         return KernelContext(tensor=self.tp.name, start=r0 * self.row_size, seed=self.options.seed,
                              device=self.device)
 
-    def rows_of(self, node: Node, r0: int, r1: int):
-        """Rows [r0, r1) of the value of node (computing it, or slicing a cached value)."""
+    def rows_of(self, node: Node, r0: int, r1: int, out: torch.Tensor | None = None):
+        """Rows [r0, r1) of the value of node (computing it, or slicing a cached value). A native
+        region writes them into `out` (float32, of the chunk's shape) when given, and returns it."""
         steps = self.region_of(node)
         if self.fuser is not None:
-            fused = self.fuser.rows_of(self, steps, r0, r1)
+            fused = self.fuser.rows_of(self, steps, r0, r1, out)
             if fused is not None:
                 return fused
         values: dict[int, object] = {}
@@ -233,7 +234,10 @@ class TensorEvaluator:
             return
         whole = torch.empty(self.shape, dtype=torch.float32, device=self.device)
         for r0, r1 in self.chunks():
-            whole[r0:r1] = self.rows_of(node, r0, r1)
+            part = whole[r0:r1]
+            value = self.rows_of(node, r0, r1, part)
+            if value is not part:
+                part[...] = value
         self.cache[node] = whole
         self.cached_bytes += nbytes
 

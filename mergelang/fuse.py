@@ -312,12 +312,12 @@ class Fuser:
         self.programs[steps, out_dtype] = compiled
         return compiled
 
-    def rows_of(self, evaluator, steps: tuple[Step, ...], r0: int, r1: int):
+    def rows_of(self, evaluator, steps: tuple[Step, ...], r0: int, r1: int, out: torch.Tensor | None = None):
         """Rows [r0, r1) of the region's root, or None where this region stays eager. `steps` is the
         region as evaluator.region_of gives it: its reductions already computed. In auto mode a
         region that native_regions can run as a numba loop runs so."""
         if self.native is not None:
-            fused = self.native.rows_of(evaluator, steps, r0, r1)
+            fused = self.native.rows_of(evaluator, steps, r0, r1, out)
             if fused is not None:
                 return fused
         if self.mode == "never" or (self.mode == "auto" and evaluator.device.type != "cpu"):

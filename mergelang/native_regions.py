@@ -317,9 +317,11 @@ class NativeRegions:
     def __init__(self):
         self._loops: dict[tuple, object] = {}  # (steps, kinds) → (function, random steps), None, or BUILDING
         self._lock = threading.Lock()
+        self._building = False
 
-    def rows_of(self, evaluator, steps: tuple[Step, ...], r0: int, r1: int):
-        """Rows [r0, r1) of the region's root as float32, or None where this region stays eager."""
+    def rows_of(self, evaluator, steps: tuple[Step, ...], r0: int, r1: int, out: torch.Tensor | None = None):
+        """Rows [r0, r1) of the region's root as float32, written into `out` when it is a contiguous
+        float32 CPU tensor of their shape (else into a new one); None where this region stays eager."""
         count = (r1 - r0) * evaluator.row_size
         if count < native.MIN_ELEMENTS or evaluator.device.type != "cpu" or not supported(steps):
             return None
@@ -364,7 +366,10 @@ class NativeRegions:
                 args.append(np.float32(v.item()))
             else:
                 args.append(np.int64(v.item()))
-        out = torch.empty((r1 - r0,) + tuple(evaluator.shape[1:]), dtype=torch.float32)
+        shape = (r1 - r0,) + tuple(evaluator.shape[1:])
+        if out is None or tuple(out.shape) != shape or out.dtype != torch.float32 or out.device.type != "cpu" \
+                or not out.is_contiguous():
+            out = torch.empty(shape, dtype=torch.float32)
         function(count, start, np.uint64(start & rng.MASK32), np.array(keys, dtype=np.uint64), *args,
                  out.reshape(-1).numpy())
         return out
@@ -377,13 +382,17 @@ class NativeRegions:
             if key in self._loops:
                 loop = self._loops[key]
                 return None if loop is BUILDING else loop
+            if self._building:  # one build at a time: numba compiles under one lock anyway
+                return None
             self._loops[key] = BUILDING
+            self._building = True
         loop = None
         try:
             loop = self._build(steps, kinds)
         finally:
             with self._lock:
                 self._loops[key] = loop
+                self._building = False
         return loop
 
     def _build(self, steps, kinds):

@@ -305,3 +305,37 @@ def test_while_another_thread_imports_numba_the_loops_are_not_waited_for(monkeyp
     with native._importing:  # another thread is importing numba
         assert native._loops() is None
     assert native._loops() == loaded
+
+
+def test_a_loop_writes_into_the_tensor_it_is_given():
+    """keep_whole hands the rows of its whole tensor, so that the loop writes there, not into a copy."""
+    data = _data((7, 5))
+    graph = Node("sub", [L("a"), L("b")])
+    fuser = native_fuser()
+    whole = torch.full((7, 5), 7.0)
+    ev_rows = evaluate(graph, (7, 5), data, 35)  # the eager values
+
+    class Ev:
+        row_size, shape, device = 5, (7, 5), torch.device("cpu")
+        read = types.SimpleNamespace(raw=lambda m, r0, r1, tensor=None: data[m][r0:r1])
+
+        def load_raw(self, node, r0, r1):
+            return data[node.attr("model")][r0:r1]
+
+    part = whole[2:5]
+    got = fuser.native.rows_of(Ev(), region(graph), 2, 5, part)
+    assert got is part and same_bits(whole[2:5], ev_rows[2:5]) and bool((whole[:2] == 7.0).all())
+    odd = torch.empty(3, 5, dtype=torch.float64)  # not float32: a new tensor instead
+    assert fuser.native.rows_of(Ev(), region(graph), 2, 5, odd) is not odd
+
+
+def test_one_loop_is_built_at_a_time_and_the_others_wait_their_turn_eagerly():
+    data = _data((7, 5))
+    fuser = native_fuser()
+    fuser.native._building = True  # another thread is building a loop
+    graph = Node("sub", [L("a"), L("b")])
+    assert same_bits(evaluate(graph, (7, 5), data, 35, fuser), evaluate(graph, (7, 5), data, 35))
+    assert not fuser.native._loops
+    fuser.native._building = False
+    evaluate(graph, (7, 5), data, 35, fuser)
+    assert loops_built(fuser)
