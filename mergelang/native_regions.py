@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 
 from . import rng
+from .io.hashing import cache_dir
 from .ops import OPS, native
 from .ops.consensus import ZERO_SUM, _f32_sum
 from .ops.select import INDEX_BITS, KEEP_NONE
@@ -45,7 +45,6 @@ from .schedule import Step
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "MERGELANG_CACHE_DIR"
 OPS_SUPPORTED = {"add", "sub", "mul", "div", "neg", "sum", "avg", "weighted_sum", "abs", "dare", "keep_random",
                  "keep_top", "keep_at_least", "disjoint_merge", "ifelse"}
 _ARRAY_DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
@@ -69,13 +68,6 @@ M2 = np.uint64({m2})
 
 class _Unsupported(Exception):
     """The region (or this chunk's inputs) cannot run as a native loop."""
-
-
-def cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]) / "regions"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mergelang" / "regions"
 
 
 def _f32(value) -> str:
@@ -413,7 +405,7 @@ class NativeRegions:
 def _folders() -> tuple[Path, Path]:
     """Where generated code goes: the cache folder, else one in the temporary folder."""
     user = os.getuid() if hasattr(os, "getuid") else 0
-    return cache_dir(), Path(tempfile.gettempdir()) / f"mergelang-regions-{user}"
+    return cache_dir() / "regions", Path(tempfile.gettempdir()) / f"mergelang-regions-{user}"
 
 
 def _load(source: str):

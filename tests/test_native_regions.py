@@ -37,7 +37,7 @@ NAME = "model.layers.3.mlp.up_proj.weight"
 def small_chunks_and_own_cache(monkeypatch, tmp_path_factory):
     """Regions of the tiny test tensors run natively; generated code goes to a folder of the session."""
     monkeypatch.setattr(native, "MIN_ELEMENTS", 1)
-    monkeypatch.setenv(native_regions.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "native-cache"))
+    monkeypatch.setenv("MERGELANG_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "native-cache"))
 
 
 def _data(shape, seed=0):
@@ -225,7 +225,7 @@ def forget_loaded_regions(monkeypatch) -> None:
 
 
 def test_generated_code_is_kept_in_the_cache_folder_and_reused(tmp_path, monkeypatch):
-    monkeypatch.setenv(native_regions.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("MERGELANG_CACHE_DIR", str(tmp_path))
     forget_loaded_regions(monkeypatch)
     source = native_regions._generate(region(Node("sub", [L("a"), L("b")])), ("f32", "bf16"))[0]
     module = native_regions._load(source)
@@ -241,7 +241,7 @@ def test_generated_code_is_kept_in_the_cache_folder_and_reused(tmp_path, monkeyp
 def test_an_unwritable_cache_folder_falls_back_to_the_temporary_folder(tmp_path, monkeypatch):
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
-    monkeypatch.setenv(native_regions.CACHE_ENV, str(blocked))
+    monkeypatch.setenv("MERGELANG_CACHE_DIR", str(blocked))
     forget_loaded_regions(monkeypatch)
     source = native_regions._generate(region(Node("add", [L("a"), L("b")])), ("f32", "f32"))[0]
     module = native_regions._load(source)
