@@ -319,11 +319,12 @@ def _reader(plan: Plan, tp: TensorPlan, evaluator: "TensorEvaluator", device: to
             raw = raw.pin_memory()
         return raw.to(device=device, non_blocking=pin).view((r1 - r0,) + rest)
 
-    def itemsize(model: str, tensor: str | None = None) -> int:
-        """Bytes per element of the tensor as the checkpoint stores it."""
-        return DTYPES[plan.checkpoints[model].tensors[tensor or tp.name].dtype].itemsize
+    def dtype(model: str, tensor: str | None = None) -> torch.dtype:
+        """The dtype the checkpoint stores the tensor in."""
+        return DTYPES[plan.checkpoints[model].tensors[tensor or tp.name].dtype]
 
-    read.raw, read.itemsize = read_as_stored, itemsize
+    read.raw, read.dtype = read_as_stored, dtype
+    read.itemsize = lambda model, tensor=None: dtype(model, tensor).itemsize
     return read
 
 

@@ -326,22 +326,30 @@ class NativeRegions:
             return None
         if getattr(evaluator.read, "raw", None) is None:
             return None
-        leaves = []
-        for s in steps:
-            n = s.node
-            if s.inputs or n.op == "const":
+        # The kinds of the inputs first, from the stored dtypes where the reader knows them: a
+        # region that stays eager (a float16 input, a loop being built) must not read twice.
+        stored = getattr(evaluator.read, "dtype", None)
+        nodes = [s.node for s in steps if not s.inputs and s.node.op != "const"]
+        values, kinds = {}, []
+        for n in nodes:
+            if n.op == "load" and stored is not None:
+                kinds.append(_ARRAY_DTYPES.get(stored(n.attr("model"), n.attr("tensor"))))
                 continue
             if n.op == "load":
-                leaves.append(evaluator.load_raw(n, r0, r1))
+                values[n] = evaluator.load_raw(n, r0, r1)
             else:
                 full = evaluator.full(n)
-                leaves.append(full if full.dim() == 0 else full[r0:r1])
-        kinds = tuple(_leaf_kind(v, count) for v in leaves)
+                values[n] = full if full.dim() == 0 else full[r0:r1]
+            kinds.append(_leaf_kind(values[n], count))
+        kinds = tuple(kinds)
         if None in kinds:
             return None
         loop = self._loop(steps, kinds)
         if loop is None:
             return None
+        leaves = [values[n] if n in values else evaluator.load_raw(n, r0, r1) for n in nodes]
+        if any(_leaf_kind(v, count) != k for v, k in zip(leaves, kinds)):
+            return None  # a load of another shape than the region's chunk: eager
         function, random_steps = loop
         np = loops["np"]
         keys = []

@@ -339,3 +339,27 @@ def test_one_loop_is_built_at_a_time_and_the_others_wait_their_turn_eagerly():
     fuser.native._building = False
     evaluate(graph, (7, 5), data, 35, fuser)
     assert loops_built(fuser)
+
+
+def test_a_region_that_stays_eager_reads_its_inputs_once():
+    """With the stored dtypes known, the loops decide before reading: a float16 input (no loop for
+    it) is read once per chunk, by the eager path, not once more to find its dtype."""
+    from mergelang.execute import ExecOptions, TensorEvaluator
+
+    data = _data((7, 5))
+    data["h"] = data["b"].to(torch.float16)
+    graph = Node("add", [L("h"), L("a")])
+    reads = []
+
+    def read(m, r0, r1, tensor=None):
+        reads.append(m)
+        return data[m][r0:r1].to(torch.float32)
+
+    read.raw = lambda m, r0, r1, tensor=None: (reads.append(m), data[m][r0:r1])[1]
+    read.dtype = lambda m, tensor=None: data[m].dtype
+    ev = TensorEvaluator(TensorPlan(NAME, graph, (7, 5), "F32"), read, ExecOptions(chunk=10))
+    ev.fuser = native_fuser()
+    got = torch.cat([ev._as_tensor(ev.rows_of(graph, r0, r1), r1 - r0) for r0, r1 in ev.chunks()])
+    assert same_bits(got, evaluate(graph, (7, 5), data, 10))
+    assert sorted(reads) == sorted(["h", "a"] * len(list(ev.chunks())))
+    assert not ev.fuser.native._loops
