@@ -64,8 +64,8 @@ def _import():
     except Exception as error:  # not installed, or broken (an LLVM or cache setup error): stay correct
         log.warning("numba could not be loaded (%s): the torch kernels run instead", error)
         return None
-    names = ("select_random", "high_histogram", "low_histogram", "low_histogram_positions", "keep_at_least",
-             "disjoint_merge", "nth_equal", "abs_sum_bins")
+    names = ("select_random", "high_histogram", "low_histogram_positions", "keep_at_least", "disjoint_merge",
+             "nth_equal", "abs_sum_bins")
     return {"np": np, **{name: getattr(native_loops, name) for name in names}}
 
 
@@ -109,23 +109,12 @@ def high_histogram(x: torch.Tensor, hist: torch.Tensor, low_bits: int) -> bool:
     return True
 
 
-def low_histogram(x: torch.Tensor, hist: torch.Tensor, high: int, low_bits: int) -> bool:
-    """hist += the histogram of the low `low_bits` magnitude bits of the entries of x whose high
-    bits are `high`; False where this loop does not apply (nothing added)."""
-    loops = _loops() if _fits(x) and hist.dtype == torch.int64 and hist.is_contiguous() else None
-    if loops is None:
-        return False
-    np = loops["np"]
-    loops["low_histogram"](_bits(x, np), hist.numpy(), np.uint32(high), np.uint32(low_bits),
-                           np.uint32((1 << low_bits) - 1))
-    return True
-
-
 def low_histogram_positions(x: torch.Tensor, hist: torch.Tensor, high: int, low_bits: int, first: int,
                             positions: torch.Tensor, lows: torch.Tensor, count: int) -> int | None:
-    """low_histogram, also writing the flat index (first + j) and the low bits of each entry it
-    counts into positions and lows (int64) from `count` on, while they have room; returns count plus
-    the entries counted, or None where this loop does not apply (nothing added)."""
+    """hist += the histogram of the low `low_bits` magnitude bits of the entries of x whose high bits
+    are `high`, also writing the flat index (first + j) and the low bits of each entry it counts into
+    positions and lows (int64) from `count` on, while they have room (none: empty buffers); returns
+    count plus the entries counted, or None where this loop does not apply (nothing added)."""
     loops = _loops() if _fits(x) and hist.dtype == torch.int64 and hist.is_contiguous() else None
     if loops is None:
         return None

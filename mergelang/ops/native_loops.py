@@ -39,18 +39,10 @@ def high_histogram(xbits, hist, shift):
 
 
 @jit
-def low_histogram(xbits, hist, high, shift, low_mask):
-    """hist[magnitude bits & low_mask] += 1 for the entries whose magnitude bits >> shift are `high`."""
-    for j in range(xbits.shape[0]):
-        b = xbits[j] & ABS
-        if (b >> shift) == high:
-            hist[b & low_mask] += 1
-
-
-@jit
 def low_histogram_positions(xbits, hist, high, shift, low_mask, first, positions, lows, count):
-    """low_histogram, and the flat index (first + j) and low bits of each counted entry written at
-    positions[count], lows[count] onwards while they have room. Returns count + the entries counted."""
+    """hist[magnitude bits & low_mask] += 1 for the entries whose magnitude bits >> shift are `high`,
+    and the flat index (first + j) and low bits of each of them written at positions[count],
+    lows[count] onwards while they have room. Returns count + the entries counted."""
     cap = positions.shape[0]
     for j in range(xbits.shape[0]):
         b = xbits[j] & ABS

@@ -45,6 +45,7 @@ MAX_ENTRIES = 1 << INDEX_BITS
 KEEP_ALL = 0  # a cutoff below every key
 KEEP_NONE = (1 << 63) - 1  # a cutoff above every key
 POSITIONS = 1 << 20  # entries of the chosen high bin whose places the second pass notes (16 MB)
+_NO_ROOM = torch.empty(0, dtype=torch.int64)  # for a low histogram that notes no places
 
 
 def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +77,7 @@ def add_high_histogram(hist: torch.Tensor, x: torch.Tensor) -> None:
 
 def add_low_histogram(hist: torch.Tensor, x: torch.Tensor, high: int) -> None:
     """hist (2**LOW_BITS int64) += low_histogram of x's magnitude bits for the bin `high`."""
-    if not native.low_histogram(x, hist, high, LOW_BITS):
+    if native.low_histogram_positions(x, hist, high, LOW_BITS, 0, _NO_ROOM, _NO_ROOM, 0) is None:
         hist += low_histogram(magnitude_bits(x), high)
 
 
