@@ -66,3 +66,23 @@ def test_infinities_and_nans(monkeypatch, native_on):
 def test_zero_and_empty():
     assert total(torch.zeros(0), 1) == 0.0
     assert total(torch.tensor([0.0, -0.0]), 1) == 0.0
+
+
+@pytest.mark.parametrize("native_on", ["1", "0"])
+def test_blocks_of_tiny_wide_and_edge_magnitudes(monkeypatch, native_on):
+    """The native loop sums most of a block in float64 within 18 binades of its largest entry and
+    bins the rest one by one: blocks of only subnormals, of magnitudes over the whole float32 range,
+    and of entries on the window's edges all give the exact sum."""
+    monkeypatch.setenv(native.ENV, native_on)
+    g = torch.Generator().manual_seed(1)
+    n = 4 * native.MIN_ELEMENTS
+    tiny = torch.randint(1, 1 << 23, (n,), generator=g, dtype=torch.int32).view(torch.float32)  # subnormals
+    exponents = torch.randint(-149, 127, (n,), generator=g).to(torch.float32)
+    wide = torch.randn(n, generator=g).sign() * torch.exp2(exponents)
+    edge = torch.full((n,), 2.0**-18) * torch.randint(1, 4, (n,), generator=g)
+    edge[::2048] = 1.0  # every block's largest: 2^-18 is its window's smallest binade, 2^-19 below it
+    edge[1::4096] = 2.0**-19 - 2.0**-43
+    for x in (tiny, wide, edge, torch.cat([tiny, wide, edge])):
+        want = math.fsum(abs(v) for v in x.tolist())
+        for chunk in (x.numel(), native.MIN_ELEMENTS + 13):
+            assert total(x, chunk) == want

@@ -7,9 +7,11 @@ sum does not depend on how a tensor is cut into chunks or in which order the ent
 a float sum does (torch's vectorized sum order depends on the CPU's vector width). An infinity makes
 the sum +inf and a NaN makes it NaN, as in a float sum.
 
-On CPU float32 chunks of at least native.MIN_ELEMENTS entries one numba loop fills the bins
-(0.7 ns per entry here, against 1.1 ns for torch's `abs().sum(dtype=float64)`); elsewhere torch's
-bincount does, with float64 weights that stay exact integers below 2^53.
+On CPU float32 chunks of at least native.MIN_ELEMENTS entries a numba loop fills the bins: block
+by block, it adds the entries within 18 binades of the block's largest in float64, exactly, and
+bins only the rest one by one (0.36 ns per entry in the L1 cache here, against 0.95 ns binning
+every entry and 1.1 ns for torch's `abs().sum(dtype=float64)`). Elsewhere torch's bincount
+fills the bins, with float64 weights that stay exact integers below 2^53.
 """
 
 from __future__ import annotations
@@ -28,16 +30,11 @@ _EXACT_WEIGHTS = 1 << 29  # entries per bincount: 2^29 significands below 2^24 s
 class AbsSum:
     def __init__(self):
         self.bins = torch.zeros((native.ABS_SUM_LANES, EXPONENTS), dtype=torch.int64)
-        self.nan = self.inf = False
-        self._special = 0  # the bins' total for the field 255, at the last look
+        self.flags = torch.zeros(2, dtype=torch.int64)  # a NaN seen, an infinity seen
 
     def add(self, x: torch.Tensor) -> None:
         """Add Σ|x| of a float32 chunk (a tensor of any shape and device)."""
-        if native.abs_sum_bins(x, self.bins):
-            special = int(self.bins[:, SPECIAL].sum())
-            if special != self._special:  # an infinity or a NaN in this chunk (rare): which?
-                self._special = special
-                self._note_specials(x.reshape(-1).view(torch.int32) & 0x7FFFFFFF)
+        if native.abs_sum_bins(x, self.bins, self.flags):
             return
         bits = x.reshape(-1).to(torch.float32).view(torch.int32) & 0x7FFFFFFF
         for part in bits.split(_EXACT_WEIGHTS):
@@ -45,17 +42,15 @@ class AbsSum:
             significand = (part & 0x7FFFFF) | ((exponent != 0).to(torch.int32) << 23)
             sums = torch.bincount(exponent, weights=significand.to(torch.float64), minlength=EXPONENTS)
             self.bins[0] += sums.to(torch.int64).cpu()
-            self._note_specials(part)
-
-    def _note_specials(self, bits: torch.Tensor) -> None:
-        self.nan = self.nan or bool((bits > 0x7F800000).any())
-        self.inf = self.inf or bool((bits == 0x7F800000).any())
+            self.flags[0] |= int((part > 0x7F800000).any())
+            self.flags[1] |= int((part == 0x7F800000).any())
 
     def value(self) -> float:
         """The sum, rounded once to float64."""
-        if self.nan:
+        nan, inf = self.flags.tolist()
+        if nan:
             return math.nan
-        if self.inf:
+        if inf:
             return math.inf
         total = self.bins.sum(0).tolist()
         exact = sum(count << max(e - 1, 0) for e, count in enumerate(total[:SPECIAL]) if count)

@@ -138,14 +138,14 @@ def nth_equal(x: torch.Tensor, t: int, n: int) -> tuple[int, int] | None:
 ABS_SUM_LANES = 4  # rows of bins native_loops.abs_sum_bins uses in turn (that module loads only when used)
 
 
-def abs_sum_bins(x: torch.Tensor, bins: torch.Tensor) -> bool:
-    """abs_sum.AbsSum's bins (int64, ABS_SUM_LANES × 256) += x's significands by exponent field;
-    False where this loop does not apply (nothing added)."""
+def abs_sum_bins(x: torch.Tensor, bins: torch.Tensor, flags: torch.Tensor) -> bool:
+    """abs_sum.AbsSum's bins (int64, ABS_SUM_LANES × 256) += x's significands by exponent field,
+    and its flags (int64: NaN seen, infinity seen) set; False where this loop does not apply
+    (nothing added)."""
     loops = _loops() if _fits(x) else None
     if loops is None:
         return False
-    np = loops["np"]
-    loops["abs_sum_bins"](_bits(x, np), bins.numpy())
+    loops["abs_sum_bins"](_bits(x, loops["np"]), bins.numpy(), flags.numpy())
     return True
 
 

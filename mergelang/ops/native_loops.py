@@ -3,6 +3,8 @@ Each loop works on the uint32 bit patterns of float32 values; see native.py for 
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 
@@ -138,12 +140,76 @@ def nth_equal(xbits, t, n):
 MANTISSA, HIDDEN = np.uint32(0x7FFFFF), np.uint32(0x800000)
 
 
+SPECIAL = np.uint32(255)  # the exponent field of infinities and NaNs
+INF_BITS = np.uint32(0x7F800000)
+WINDOW = 18  # exponent fields below a block's largest that abs_sum_bins adds up in float64
+SUM_BLOCK = 2048  # entries per such block: 2^11 magnitudes below 2^42 units each sum below 2^53
+LOW_MASK = np.int64((1 << WINDOW) - 1)
+
+
 @jit
-def abs_sum_bins(xbits, bins):
+def _bin_entries(xbits, bins, flags, below):
     """bins[j % 4, exponent field of x_j] += its significand (with the hidden bit where the field
-    is not 0). One store per entry and no branch: a second store site for infinities and NaNs made
-    the loop twenty times slower; abs_sum.py looks at those apart."""
+    is not 0), for the entries whose field is below `below` (256: all); flags[0] = 1 when they
+    hold a NaN, flags[1] = 1 when an infinity. One store per entry and no branch (a second store
+    site made the loop twenty times slower, a branch on the field three times): the specials are
+    looked for only when the bins of the field 255 grew."""
+    before = bins[0, SPECIAL] + bins[1, SPECIAL] + bins[2, SPECIAL] + bins[3, SPECIAL]
     for j in range(xbits.shape[0]):
         b = xbits[j] & ABS
         e = b >> np.uint32(23)
-        bins[j & 3, e] += np.int64((b & MANTISSA) | (HIDDEN if e != ZERO else ZERO))
+        significand = np.int64((b & MANTISSA) | (HIDDEN if e != ZERO else ZERO))
+        bins[j & 3, e] += significand if e < below else 0
+    if bins[0, SPECIAL] + bins[1, SPECIAL] + bins[2, SPECIAL] + bins[3, SPECIAL] != before:
+        for j in range(xbits.shape[0]):
+            b = xbits[j] & ABS
+            if b > INF_BITS:
+                flags[0] = 1
+            elif b == INF_BITS:
+                flags[1] = 1
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc"})
+def _window_sum(xbits, low):
+    """(Σ |x_j| in float64 over the entries whose exponent field is at least `low`, how many nonzero
+    entries have a lower one). Exact whatever the order of the additions (so it may be vectorized):
+    see abs_sum_bins."""
+    least = np.uint32(np.uint32(low) << np.uint32(23))  # the smallest magnitude bits in the window
+    total = 0.0
+    below = 0
+    for j in range(xbits.shape[0]):
+        b = np.uint32(xbits[j] & ABS)
+        inside = b >= least
+        total += np.float64(b.view(np.float32)) if inside else 0.0
+        below += 1 if (not inside) and b != ZERO else 0
+    return total, below
+
+
+@jit
+def abs_sum_bins(xbits, bins, flags):
+    """bins[·, e] += the significands (with the hidden bit where e is not 0) of the entries whose
+    exponent field is e, in units of 2^(max(e, 1) - 150), and flags[0] = 1 for a NaN, flags[1] = 1
+    for an infinity: abs_sum.AbsSum's exact sum.
+
+    Block by block: the entries within WINDOW fields of the block's largest are multiples of its
+    unit 2^(low - 150) below 2^42 units, so their float64 sum is an exact integer k < 2^53 of units
+    in any order (a vectorized loop); k goes into the bins of `low` and `low + WINDOW` (2^WINDOW
+    units of `low` each), below 2^35 per block. The smaller nonzero entries, rare, and blocks
+    holding specials or only tiny values take the entry-by-entry loop."""
+    n = xbits.shape[0]
+    for a in range(0, n, SUM_BLOCK):
+        block = xbits[a:min(n, a + SUM_BLOCK)]
+        top = ZERO
+        for j in range(block.shape[0]):
+            top = max(top, np.uint32(block[j] & ABS))
+        high = np.uint32(top >> np.uint32(23))
+        if high == SPECIAL or high <= WINDOW:
+            _bin_entries(block, bins, flags, np.uint32(256))
+            continue
+        low = np.uint32(high - np.uint32(WINDOW))
+        total, below = _window_sum(block, low)
+        k = np.int64(math.ldexp(total, 150 - np.int64(low)))
+        bins[0, low] += k & LOW_MASK
+        bins[0, high] += k >> np.int64(WINDOW)
+        if below:
+            _bin_entries(block, bins, flags, low)
