@@ -185,13 +185,15 @@ class TensorEvaluator:
         inputs, constants = node.args[:n_in], [a.attr("value") for a in node.args[n_in:]]
         if spec.kind in ("reduce", "model"):
             _, params = spec.bind([None] * n_in + constants)
-            self.keep_inputs(node, inputs)
             # A model statistic not computed beforehand (evaluating one tensor alone) covers this tensor.
             size = self.shape if spec.kind == "reduce" else self.rows * self.row_size
             reducer = spec.kernel(self.context(0), size, **params)
+            tapped = self.tapped_pass(inputs, reducer)
+            if not tapped:
+                self.keep_inputs(node, inputs)
             pass_ = 0
             while True:
-                for r0, r1 in self.chunks():
+                for r0, r1 in () if tapped and pass_ == 0 else self.chunks():
                     if getattr(reducer, "pass_complete", False):
                         break  # the reducer needs no more chunks in this pass (a scan that found its entry)
                     reducer.update(pass_, *[self._as_tensor(self.rows_of(a, r0, r1), r1 - r0) for a in inputs])
@@ -204,6 +206,48 @@ class TensorEvaluator:
             value = self.apply(node, args + constants, self.context(0))
         self.cache[node] = value
         return value
+
+    def tapped_pass(self, inputs, reducer) -> bool:
+        """A reduction's first pass inside the native loop of one of its inputs, the root: the loop
+        that computes the root (kept whole when it fits the budget, as keep_inputs would) hands
+        every input's values to the reducer's loops as it computes them (native_regions, taps).
+        l1_ratio(x, keep_random(x)) so reads x's inputs once, not twice, and makes one pass, not
+        three. The other inputs must be values of the root's region. False, with nothing done,
+        where this does not apply: the reducer has no taps, no input is such a root, or its region
+        is not a native loop. A chunk the loop leaves out (a short last one) is evaluated eagerly."""
+        native = getattr(self.fuser, "native", None)
+        taps = reducer.taps(0) if native is not None and hasattr(reducer, "taps") else None
+        if not taps:
+            return False
+        for root in inputs:
+            if is_leaf(root) or root in self.cache:
+                continue
+            steps = self.region_of(root)
+            index = {s.node: i for i, s in enumerate(steps)}
+            if all(a in index for a in inputs):
+                break
+        else:
+            return False
+        taps = tuple((index[a], loop, arrays, constants) for a, (loop, arrays, constants) in zip(inputs, taps))
+        nbytes = self.rows * self.row_size * 4
+        whole = None
+        if self.cached_bytes + nbytes <= self.budget:
+            whole = torch.empty(self.shape, dtype=torch.float32, device=self.device)
+        for r0, r1 in self.chunks():
+            part = None if whole is None else whole[r0:r1]
+            value = native.rows_of(self, steps, r0, r1, part, taps)
+            if value is None:
+                if r0 == 0:
+                    return False
+                value = self.rows_of(root, r0, r1, part)
+                reducer.update(0, *[self._as_tensor(value if a is root else self.rows_of(a, r0, r1), r1 - r0)
+                                    for a in inputs])
+            if part is not None and value is not part:
+                part[...] = value
+        if whole is not None:
+            self.cache[root] = whole
+            self.cached_bytes += nbytes
+        return True
 
     def keep_inputs(self, node: Node, inputs) -> None:
         """Keep the inputs of reduction `node` whole (keep_whole). An input that another input is

@@ -18,6 +18,11 @@ chunk of the region's shape or a 0-d statistic (float32, or an int64 rank cutoff
 at least native.MIN_ELEMENTS entries, and numba is available (native.py: MERGELANG_NATIVE=0 turns
 it off). Anything else stays with the eager path (or inductor, when asked for).
 
+A loop may also hand values of its region to a reduction as it computes them (taps: see
+`TensorEvaluator.tapped_pass`): block by block, the values go to a buffer in the L1 cache and from
+there to a loop of native_loops (an exact L1 sum, a top-k histogram), so `l1_ratio(x, keep_random(x))`
+is one pass over x's inputs that also writes the kept values.
+
 The source of each region's loop goes in a file named by its digest under the cache folder
 (MERGELANG_CACHE_DIR, else $XDG_CACHE_HOME/mergelang or ~/.cache/mergelang), where numba keeps
 the machine code beside it; a folder that cannot be written leaves numba compiling once per run.
@@ -91,9 +96,11 @@ class _Writer:
         return self.constant(name, _f32(a.number)) if a.typ == "c" else a.text
 
 
-def _generate(steps: tuple[Step, ...], kinds: tuple[str, ...]) -> tuple[str, list[int]]:
+def _generate(steps: tuple[Step, ...], kinds: tuple[str, ...], taps: tuple = ()) -> tuple[str, list[int]]:
     """The module source of the region's loop, for leaves of the given kinds ("bf16", "f32",
-    "scalar", "int"), and the positions of its random steps (they take two round keys each)."""
+    "scalar", "int"), and the positions of its random steps (they take two round keys each).
+    `taps`: (step, loop, constants, array dimensions) for each value whose entries the loop also
+    hands, block by block, to a loop of native_loops (a reduction's pass over it)."""
     w = _Writer()
     leaves = [i for i, s in enumerate(steps) if not s.inputs and s.node.op != "const"]
     if len(leaves) != len(kinds):
@@ -113,10 +120,10 @@ def _generate(steps: tuple[Step, ...], kinds: tuple[str, ...]) -> tuple[str, lis
             name = f"L{i}"
             params.append(name)
             if k == "bf16":
-                w.body.append(f"v{i} = np.uint32(np.uint32({name}[j]) << SH16).view(np.float32)")
+                w.body.append(f"v{i} = np.uint32(np.uint32(X{i}[j]) << SH16).view(np.float32)")
                 value[i] = _Arg(f"v{i}", "f")
             elif k == "f32":
-                w.body.append(f"v{i} = {name}[j]")
+                w.body.append(f"v{i} = X{i}[j]")
                 value[i] = _Arg(f"v{i}", "f")
             elif k == "scalar":
                 value[i] = _Arg(name, "f")
@@ -145,17 +152,72 @@ def _generate(steps: tuple[Step, ...], kinds: tuple[str, ...]) -> tuple[str, lis
             continue
         value[i] = _emit(w, n.op, i, inputs, p, random_steps)
     root = len(steps) - 1
-    source = _HEADER.format(m1=rng.M1, m2=rng.M2) + "\n".join(w.constants) + "\n\n\n"
-    signature = ", ".join(["n", "start", "first", "keys", *params, "out"])
+    result = w.text(value[root], f"R{root}")
+    source = _HEADER.format(m1=rng.M1, m2=rng.M2)
+    if taps:
+        source += _tap_imports(taps)
+    source += "\n".join(w.constants) + "\n\n\n"
+    tap_arrays = [f"A{k}_{a}" for k, (_, _, _, dims) in enumerate(taps) for a in range(len(dims))]
+    signature = ", ".join(["n", "start", "first", "keys", *params, "out", *tap_arrays])
     source += "@numba.njit(nogil=True, cache=True, boundscheck=False, error_model='numpy')\n"
     source += f"def region({signature}):\n"
     for line in w.setup:
         source += f"    {line}\n"
-    source += "    for j in range(n):\n"
-    for line in w.body:
+    # The body reads entry j of each array leaf X{i} and writes entry j of O; g is the entry's
+    # place in the chunk (the random and top-k masks depend on it).
+    arrays = [name for name, k in zip(params, kinds) if k in ("bf16", "f32")]
+    if not taps:
+        for name in arrays:
+            source += f"    X{name[1:]} = {name}\n"
+        source += "    O = out\n"
+        source += "    for j in range(n):\n"
+        source += "        g = j\n"
+        for line in w.body:
+            source += f"        {line}\n"
+        source += f"        O[j] = {result}\n"
+        return source, random_steps
+    # Block by block: the region's loop (vectorized: no stores but to out and the block buffers),
+    # then each tap's loop over the block's bit patterns, in the L1 cache.
+    blocks, calls = [], []
+    for k, (step, loop, constants, dims) in enumerate(taps):
+        tapped = value.get(step)
+        if tapped is None or tapped.typ != "f":
+            raise _Unsupported("a tap on a value that is not a float32 entry")
+        extra = [f"A{k}_{a}" for a in range(len(dims))] + [f"np.uint32({c})" for c in constants]
+        if step == root:
+            bits = "O.view(np.uint32)"
+        else:
+            source += f"    T{k} = np.empty(TAP_BLOCK, np.uint32)\n"
+            blocks.append(f"T{k}[j] = np.float32({tapped.text}).view(np.uint32)")
+            bits = f"T{k}[:m]"
+        calls.append(f"{loop}({bits}, {', '.join(extra)})")
+    source += "    for j0 in range(0, n, TAP_BLOCK):\n"
+    source += "        m = min(TAP_BLOCK, n - j0)\n"
+    for name in arrays:
+        source += f"        X{name[1:]} = {name}[j0:j0 + m]\n"
+    source += "        O = out[j0:j0 + m]\n"
+    source += "        for j in range(m):\n"  # indices the compiler knows are not negative: vectorized
+    source += "            g = j0 + j\n"
+    for line in w.body + [f"O[j] = {result}"] + blocks:
+        source += f"            {line}\n"
+    for line in calls:
         source += f"        {line}\n"
-    source += f"        out[j] = {w.text(value[root], f'R{root}')}\n"
     return source, random_steps
+
+
+TAP_LOOPS = ("abs_sum_bins", "high_histogram")  # the loops of native_loops a tap may call
+TAP_BLOCK = 2048  # entries per block of a tapped loop: its block buffers stay in the L1 cache
+
+
+def _tap_imports(taps: tuple) -> str:
+    """The header lines of a tapped region: its loops, and the digest of the module they come from
+    (the generated file's name follows its source, so a change there compiles the region anew)."""
+    loops = sorted({loop for _, loop, _, _ in taps})
+    if any(loop not in TAP_LOOPS for loop in loops):
+        raise _Unsupported("a tap on an unknown loop")
+    source = Path(native.__file__).with_name("native_loops.py").read_bytes()
+    return (f"from mergelang.ops.native_loops import {', '.join(loops)}  # "
+            f"{hashlib.sha256(source).hexdigest()[:16]}\nTAP_BLOCK = {TAP_BLOCK}\n")
 
 
 class _Arg:
@@ -229,7 +291,7 @@ def _emit(w: _Writer, op: str, i: int, inputs: list[_Arg], p: dict, random_steps
         limit = w.constant(f"LIMIT{i}", f"np.uint64({rng.threshold(probability)})")
         w.setup += [f"k0_{i} = keys[{2 * r}]", f"k1_{i} = keys[{2 * r + 1}]"]
         kept = x[0] if op == "keep_random" else f"{x[0]} / {w.constant(f'S{i}', _f32(1.0 - p['p']))}"
-        b += [f"h{i} = ((first + np.uint64(j)) & MASK32) ^ k0_{i}",
+        b += [f"h{i} = ((first + np.uint64(g)) & MASK32) ^ k0_{i}",
               f"h{i} ^= h{i} >> SH16_64",
               f"h{i} = (h{i} * M1) & MASK32",
               f"h{i} ^= (h{i} >> SH15) ^ k1_{i}",
@@ -244,7 +306,7 @@ def _emit(w: _Writer, op: str, i: int, inputs: list[_Arg], p: dict, random_steps
                     f"last{i} = {(1 << INDEX_BITS) - 1} - ({cutoff} & {(1 << INDEX_BITS) - 1})",
                     f"none{i} = {cutoff} == {KEEP_NONE}"]
         b += [f"m{i} = np.int64(np.float32({x[0]}).view(np.uint32) & ABS)",
-              f"{out} = {x[0]} if ((m{i} > t{i}) or (m{i} == t{i} and start + j <= last{i})) and not none{i} else F0"]
+              f"{out} = {x[0]} if ((m{i} > t{i}) or (m{i} == t{i} and start + g <= last{i})) and not none{i} else F0"]
     elif op == "keep_at_least":
         b.append(f"{out} = {x[0]} if abs({x[0]}) >= {x[1]} else F0")
     elif op == "disjoint_merge":
@@ -277,13 +339,14 @@ def _emit(w: _Writer, op: str, i: int, inputs: list[_Arg], p: dict, random_steps
 BUILDING = object()
 
 
-def _signature(kinds: tuple[str, ...]) -> tuple:
+def _signature(kinds: tuple[str, ...], taps: tuple = ()) -> tuple:
     """The argument types of a region's loop: the argument list that rows_of passes."""
     from numba import types
 
     leaf = {"bf16": types.uint16[::1], "f32": types.float32[::1], "scalar": types.float32, "int": types.int64}
+    arrays = [types.Array(types.int64, d, "C") for *_, dims in taps for d in dims]
     return (types.int64, types.int64, types.uint64, types.uint64[::1], *(leaf[k] for k in kinds),
-            types.float32[::1])
+            types.float32[::1], *arrays)
 
 
 def supported(steps: tuple[Step, ...]) -> bool:
@@ -311,9 +374,13 @@ class NativeRegions:
         self._lock = threading.Lock()
         self._building = False
 
-    def rows_of(self, evaluator, steps: tuple[Step, ...], r0: int, r1: int, out: torch.Tensor | None = None):
+    def rows_of(self, evaluator, steps: tuple[Step, ...], r0: int, r1: int, out: torch.Tensor | None = None,
+                taps: tuple = ()):
         """Rows [r0, r1) of the region's root as float32, written into `out` when it is a contiguous
-        float32 CPU tensor of their shape (else into a new one); None where this region stays eager."""
+        float32 CPU tensor of their shape (else into a new one); None where this region stays eager
+        (nothing computed). `taps`: (step, loop of TAP_LOOPS, int64 CPU arrays, uint32 constants)
+        for each value of the region whose rows the loop also passes to that loop with those
+        arguments (a reduction's pass: see TensorEvaluator.tapped_pass)."""
         count = (r1 - r0) * evaluator.row_size
         if count < native.MIN_ELEMENTS or evaluator.device.type != "cpu" or not supported(steps):
             return None
@@ -342,9 +409,12 @@ class NativeRegions:
                 values[n] = full if full.dim() == 0 else full[r0:r1]
             kinds.append(_leaf_kind(values[n], count))
         kinds = tuple(kinds)
-        if None in kinds:
+        if None in kinds or not all(a.dtype == torch.int64 and a.device.type == "cpu" and a.is_contiguous()
+                                    for _, _, arrays, _ in taps for a in arrays):
             return None
-        loop = self._loop(steps, kinds)
+        tap_key = tuple((step, loop, tuple(constants), tuple(a.dim() for a in arrays))
+                        for step, loop, arrays, constants in taps)
+        loop = self._loop(steps, kinds, tap_key)
         if loop is None:
             return None
         leaves = [values[n] if n in values else evaluator.load_raw(n, r0, r1) for n in nodes]
@@ -371,13 +441,13 @@ class NativeRegions:
                 or not out.is_contiguous():
             out = torch.empty(shape, dtype=torch.float32)
         function(count, start, np.uint64(start & rng.MASK32), np.array(keys, dtype=np.uint64), *args,
-                 out.reshape(-1).numpy())
+                 out.reshape(-1).numpy(), *(a.numpy() for _, _, arrays, _ in taps for a in arrays))
         return out
 
-    def _loop(self, steps: tuple[Step, ...], kinds: tuple[str, ...]):
-        """The loop of this region for these leaf kinds; None where there is none, or while another
-        thread builds it (its chunks meanwhile run eagerly, to the same bits)."""
-        key = (steps, kinds)
+    def _loop(self, steps: tuple[Step, ...], kinds: tuple[str, ...], taps: tuple = ()):
+        """The loop of this region for these leaf kinds and taps; None where there is none, or while
+        another thread builds it (its chunks meanwhile run eagerly, to the same bits)."""
+        key = (steps, kinds, taps)
         with self._lock:
             if key in self._loops:
                 loop = self._loops[key]
@@ -388,22 +458,22 @@ class NativeRegions:
             self._building = True
         loop = None
         try:
-            loop = self._build(steps, kinds)
+            loop = self._build(steps, kinds, taps)
         finally:
             with self._lock:
                 self._loops[key] = loop
                 self._building = False
         return loop
 
-    def _build(self, steps, kinds):
+    def _build(self, steps, kinds, taps):
         try:
-            source, random_steps = _generate(steps, kinds)
+            source, random_steps = _generate(steps, kinds, taps)
         except _Unsupported as why:
             log.debug("region stays eager: %s", why)
             return None
         try:
             function = _load(source).region
-            function.compile(_signature(kinds))  # or loads it from numba's cache
+            function.compile(_signature(kinds, taps))  # or loads it from numba's cache
         except Exception as error:  # no folder for the code, or numba failing on it: stay correct
             log.warning("a native region failed to compile, evaluating it eagerly: %s", error)
             return None

@@ -98,7 +98,7 @@ def test_every_op_gives_the_eager_bits_for_any_chunking():
         got = evaluate(graph, SHAPE, data, chunk, fuser)
         assert torch.isnan(expected).float().mean() < 0.05  # the special values stay where they are
         assert same_bits(got, expected), chunk
-        ops = {s.node.op for (steps, _), loop in fuser.native._loops.items() if loop for s in steps if s.inputs}
+        ops = {s.node.op for (steps, _, _), loop in fuser.native._loops.items() if loop for s in steps if s.inputs}
         assert ops >= native_regions.OPS_SUPPORTED, native_regions.OPS_SUPPORTED - ops
 
 
@@ -122,9 +122,9 @@ class _Interpreted:
     def __init__(self):
         self._loops, self._lock = {}, native_regions.threading.Lock()
 
-    def _build(self, steps, kinds):
+    def _build(self, steps, kinds, taps):
         try:
-            source, random_steps = native_regions._generate(steps, kinds)
+            source, random_steps = native_regions._generate(steps, kinds, taps)
         except native_regions._Unsupported:
             return None
         namespace = {"numba": types.SimpleNamespace(njit=lambda **kw: (lambda f: f))}
@@ -264,7 +264,7 @@ def test_merges_are_byte_identical_with_and_without_native_regions(family, tmp_p
     built = []
     real = native_regions.NativeRegions._build
     monkeypatch.setattr(native_regions.NativeRegions, "_build",
-                        lambda self, steps, kinds: built.append(real(self, steps, kinds)) or built[-1])
+                        lambda self, *args: built.append(real(self, *args)) or built[-1])
     outs = {}
     for mode in ("auto", "never"):
         run(spec, tmp_path / mode, RunOptions(seed=5, chunk=300, compile=mode))
@@ -290,10 +290,10 @@ def test_a_region_another_thread_is_building_runs_eagerly_meanwhile():
     graph = Node("sub", [L("a"), L("b")])
     fuser = native_fuser()
     kinds = ("f32", "bf16")
-    fuser.native._loops[(region(graph), kinds)] = native_regions.BUILDING
+    fuser.native._loops[(region(graph), kinds, ())] = native_regions.BUILDING
     assert same_bits(evaluate(graph, (7, 5), data, 35, fuser), evaluate(graph, (7, 5), data, 35))
-    assert fuser.native._loops[(region(graph), kinds)] is native_regions.BUILDING  # not built twice
-    del fuser.native._loops[(region(graph), kinds)]
+    assert fuser.native._loops[(region(graph), kinds, ())] is native_regions.BUILDING  # not built twice
+    del fuser.native._loops[(region(graph), kinds, ())]
     evaluate(graph, (7, 5), data, 35, fuser)
     assert loops_built(fuser)
 
@@ -363,3 +363,50 @@ def test_a_region_that_stays_eager_reads_its_inputs_once():
     assert same_bits(got, evaluate(graph, (7, 5), data, 10))
     assert sorted(reads) == sorted(["h", "a"] * len(list(ev.chunks())))
     assert not ev.fuser.native._loops
+
+
+def tapped_loops(fuser: fuse.Fuser) -> list:
+    return [key for key, loop in fuser.native._loops.items() if loop is not None and loop is not native_regions.BUILDING
+            and key[2]]
+
+
+@pytest.mark.parametrize("min_elements", [1, 200])
+def test_a_reduction_pass_inside_its_inputs_loop_gives_the_eager_bits(monkeypatch, min_elements):
+    """l1_ratio's sums and topk_cutoff's first histogram are taken by the loop that computes their
+    input (TensorEvaluator.tapped_pass); the kept value is the loop's output. With 200 entries at
+    least, the last chunk of 4 rows (132 entries) runs eagerly, adding to the same sums. A NaN or an
+    infinity among the entries makes the sum NaN or infinite, as eagerly."""
+    monkeypatch.setattr(native, "MIN_ELEMENTS", min_elements)
+    data = _data(SHAPE)
+    data["e"], data["f"] = data["d"].clone(), data["d"].clone()
+    data["e"].view(-1)[700] = float("inf")
+    data["f"].view(-1)[2100] = float("nan")  # in the last chunk
+    a, b, c, d = L("a"), L("b"), L("c"), L("d")
+    dd, da = Node("sub", [d, b]), Node("sub", [a, c])
+    kept = with_random_key(Node("keep_random", [dd, const(0.3), const(1)]))
+    merged = Node("add", [Node("mul", [kept, Node("l1_ratio", [dd, kept])]),
+                          Node("keep_top", [da, Node("topk_cutoff", [da, const(0.3)])])])
+    ratios = [Node("l1_ratio", [x, with_random_key(Node("keep_random", [x, const(0.01), const(2)]))])
+              for x in (Node("sub", [L("e"), b]), Node("sub", [L("f"), b]))]
+    for chunk in (33 * 20, SHAPE[0] * SHAPE[1]):
+        results = []
+        for graph in [merged] + ratios:
+            fuser = native_fuser()
+            expected = evaluate(graph, SHAPE, data, chunk)
+            assert same_bits(evaluate(graph, SHAPE, data, chunk, fuser), expected), (graph.op, chunk)
+            results.append(expected)
+            taps = {loop for key in tapped_loops(fuser) for _, loop, _, _ in key[2]}
+            assert taps == ({"abs_sum_bins", "high_histogram"} if graph is merged else {"abs_sum_bins"}), chunk
+        assert torch.isfinite(results[0]).float().mean() > 0.99
+        assert torch.isinf(results[1]).all() and torch.isnan(results[2]).all()
+
+
+def test_a_reduction_whose_inputs_no_loop_computes_together_is_not_tapped():
+    """l1_ratio(x, y) of two unrelated values: no input's region holds the other, the pass is eager."""
+    data = _data(SHAPE)
+    a, b, c = L("a"), L("b"), L("c")
+    x, y = Node("sub", [a, b]), Node("sub", [c, b])
+    graph = Node("mul", [x, Node("l1_ratio", [x, y])])
+    fuser = native_fuser()
+    assert same_bits(evaluate(graph, SHAPE, data, 33 * 20, fuser), evaluate(graph, SHAPE, data, 33 * 20))
+    assert loops_built(fuser) and not tapped_loops(fuser)

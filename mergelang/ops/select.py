@@ -225,6 +225,12 @@ class RankCutoff:
             self.tie -= count
             self.pass_complete = self.tie <= 0
 
+    def taps(self, pass_: int) -> list | None:
+        """Pass 0 is the high histogram, which a native region's loop may add to (native_regions)."""
+        if pass_ != 0 or self.rank is None:
+            return None
+        return [("high_histogram", (self.hist,), (LOW_BITS,))]
+
     def end_pass(self, pass_: int) -> bool:
         if self.rank is None or self.n == 0:
             return True

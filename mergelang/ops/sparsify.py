@@ -164,6 +164,9 @@ class L1Ratio:
         self.num.add(x)
         self.den.add(y)
 
+    def taps(self, pass_: int) -> list:
+        return [self.num.tap(), self.den.tap()]
+
     def end_pass(self, pass_: int) -> bool:
         return True
 
