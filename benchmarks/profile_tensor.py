@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mergelang.api import RunOptions, check
-from mergelang.execute import ExecOptions, evaluate_in_memory, keep_freed_memory_mapped
+from mergelang.execute import ExecOptions, evaluate_in_memory, tune_malloc
 from mergelang.graph import walk
 
 
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's op table for one evaluation")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    keep_freed_memory_mapped()
+    tune_malloc()
     plan = check(args.spec, RunOptions())
     by_name = {tp.name: tp for tp in plan.tensors}
     options = ExecOptions(compile="never")
