@@ -63,6 +63,8 @@ F0 = np.float32(0.0)
 F1 = np.float32(1.0)
 ABS = np.uint32(0x7FFFFFFF)
 SH16 = np.uint32(16)
+BF16_BIAS = np.uint32(0x7FFF)
+BF16_LSB = np.uint32(1)
 SH15 = np.uint64(15)
 SH16_64 = np.uint64(16)
 MASK32 = np.uint64(0xFFFFFFFF)
@@ -96,11 +98,14 @@ class _Writer:
         return self.constant(name, _f32(a.number)) if a.typ == "c" else a.text
 
 
-def _generate(steps: tuple[Step, ...], kinds: tuple[str, ...], taps: tuple = ()) -> tuple[str, list[int]]:
+def _generate(steps: tuple[Step, ...], kinds: tuple[str, ...], taps: tuple = (),
+              out: str = "f32") -> tuple[str, list[int]]:
     """The module source of the region's loop, for leaves of the given kinds ("bf16", "f32",
     "scalar", "int"), and the positions of its random steps (they take two round keys each).
     `taps`: (step, loop, constants, array dimensions) for each value whose entries the loop also
-    hands, block by block, to a loop of native_loops (a reduction's pass over it)."""
+    hands, block by block, to a loop of native_loops (a reduction's pass over it). `out`: "f32",
+    or "bf16" for the output's chunks, rounded to nearest even as torch rounds them; that loop
+    returns whether a result is NaN (its bf16 bits are torch's to choose)."""
     w = _Writer()
     leaves = [i for i, s in enumerate(steps) if not s.inputs and s.node.op != "const"]
     if len(leaves) != len(kinds):
@@ -170,12 +175,23 @@ def _generate(steps: tuple[Step, ...], kinds: tuple[str, ...], taps: tuple = ())
         for name in arrays:
             source += f"    X{name[1:]} = {name}\n"
         source += "    O = out\n"
+        if out == "bf16":
+            source += "    nans = False\n"
         source += "    for j in range(n):\n"
         source += "        g = j\n"
         for line in w.body:
             source += f"        {line}\n"
-        source += f"        O[j] = {result}\n"
+        if out == "bf16":
+            source += f"        r = np.float32({result})\n"
+            source += "        b = r.view(np.uint32)\n"
+            source += "        nans |= r != r\n"  # a count (+=) kept the loop from vectorizing
+            source += "        O[j] = np.uint16((b + BF16_BIAS + ((b >> SH16) & BF16_LSB)) >> SH16)\n"
+            source += "    return nans\n"
+        else:
+            source += f"        O[j] = {result}\n"
         return source, random_steps
+    if out != "f32":
+        raise _Unsupported("a tapped loop writing bf16")
     # Block by block: the region's loop (vectorized: no stores but to out and the block buffers),
     # then each tap's loop over the block's bit patterns, in the L1 cache.
     blocks, calls = [], []
@@ -339,14 +355,14 @@ def _emit(w: _Writer, op: str, i: int, inputs: list[_Arg], p: dict, random_steps
 BUILDING = object()
 
 
-def _signature(kinds: tuple[str, ...], taps: tuple = ()) -> tuple:
+def _signature(kinds: tuple[str, ...], taps: tuple = (), out: str = "f32") -> tuple:
     """The argument types of a region's loop: the argument list that rows_of passes."""
     from numba import types
 
     leaf = {"bf16": types.uint16[::1], "f32": types.float32[::1], "scalar": types.float32, "int": types.int64}
     arrays = [types.Array(types.int64, d, "C") for *_, dims in taps for d in dims]
     return (types.int64, types.int64, types.uint64, types.uint64[::1], *(leaf[k] for k in kinds),
-            types.float32[::1], *arrays)
+            leaf[out], *arrays)
 
 
 def supported(steps: tuple[Step, ...]) -> bool:
@@ -414,7 +430,11 @@ class NativeRegions:
             return None
         tap_key = tuple((step, loop, tuple(constants), tuple(a.dim() for a in arrays))
                         for step, loop, arrays, constants in taps)
-        loop = self._loop(steps, kinds, tap_key)
+        # The output's chunks in bfloat16 straight from the loop (not written in float32 and
+        # converted by torch), unless a result is NaN: then the chunk is computed again in float32.
+        bf16 = (out is None and not taps and getattr(evaluator, "out_dtype", None) == torch.bfloat16
+                and steps[-1].node is evaluator.tp.graph)
+        loop = self._loop(steps, kinds, tap_key, "bf16" if bf16 else "f32")
         if loop is None:
             return None
         leaves = [values[n] if n in values else evaluator.load_raw(n, r0, r1) for n in nodes]
@@ -437,17 +457,25 @@ class NativeRegions:
             else:
                 args.append(np.int64(v.item()))
         shape = (r1 - r0,) + tuple(evaluator.shape[1:])
+        call = (count, start, np.uint64(start & rng.MASK32), np.array(keys, dtype=np.uint64), *args)
+        if bf16:
+            out = torch.empty(shape, dtype=torch.bfloat16)
+            if not function(*call, out.reshape(-1).view(torch.int16).numpy().view(np.uint16)):
+                return out
+            loop = self._loop(steps, kinds, tap_key, "f32")
+            if loop is None:
+                return None
+            function, out = loop[0], None
         if out is None or tuple(out.shape) != shape or out.dtype != torch.float32 or out.device.type != "cpu" \
                 or not out.is_contiguous():
             out = torch.empty(shape, dtype=torch.float32)
-        function(count, start, np.uint64(start & rng.MASK32), np.array(keys, dtype=np.uint64), *args,
-                 out.reshape(-1).numpy(), *(a.numpy() for _, _, arrays, _ in taps for a in arrays))
+        function(*call, out.reshape(-1).numpy(), *(a.numpy() for _, _, arrays, _ in taps for a in arrays))
         return out
 
-    def _loop(self, steps: tuple[Step, ...], kinds: tuple[str, ...], taps: tuple = ()):
-        """The loop of this region for these leaf kinds and taps; None where there is none, or while
-        another thread builds it (its chunks meanwhile run eagerly, to the same bits)."""
-        key = (steps, kinds, taps)
+    def _loop(self, steps: tuple[Step, ...], kinds: tuple[str, ...], taps: tuple = (), out: str = "f32"):
+        """The loop of this region for these leaf kinds, taps and output kind; None where there is
+        none, or while another thread builds it (its chunks meanwhile run eagerly, to the same bits)."""
+        key = (steps, kinds, taps, out)
         with self._lock:
             if key in self._loops:
                 loop = self._loops[key]
@@ -458,22 +486,22 @@ class NativeRegions:
             self._building = True
         loop = None
         try:
-            loop = self._build(steps, kinds, taps)
+            loop = self._build(steps, kinds, taps, out)
         finally:
             with self._lock:
                 self._loops[key] = loop
                 self._building = False
         return loop
 
-    def _build(self, steps, kinds, taps):
+    def _build(self, steps, kinds, taps, out):
         try:
-            source, random_steps = _generate(steps, kinds, taps)
+            source, random_steps = _generate(steps, kinds, taps, out)
         except _Unsupported as why:
             log.debug("region stays eager: %s", why)
             return None
         try:
             function = _load(source).region
-            function.compile(_signature(kinds, taps))  # or loads it from numba's cache
+            function.compile(_signature(kinds, taps, out))  # or loads it from numba's cache
         except Exception as error:  # no folder for the code, or numba failing on it: stay correct
             log.warning("a native region failed to compile, evaluating it eagerly: %s", error)
             return None

@@ -98,7 +98,7 @@ def test_every_op_gives_the_eager_bits_for_any_chunking():
         got = evaluate(graph, SHAPE, data, chunk, fuser)
         assert torch.isnan(expected).float().mean() < 0.05  # the special values stay where they are
         assert same_bits(got, expected), chunk
-        ops = {s.node.op for (steps, _, _), loop in fuser.native._loops.items() if loop for s in steps if s.inputs}
+        ops = {s.node.op for (steps, *_), loop in fuser.native._loops.items() if loop for s in steps if s.inputs}
         assert ops >= native_regions.OPS_SUPPORTED, native_regions.OPS_SUPPORTED - ops
 
 
@@ -122,9 +122,9 @@ class _Interpreted:
     def __init__(self):
         self._loops, self._lock = {}, native_regions.threading.Lock()
 
-    def _build(self, steps, kinds, taps):
+    def _build(self, steps, kinds, taps, out):
         try:
-            source, random_steps = native_regions._generate(steps, kinds, taps)
+            source, random_steps = native_regions._generate(steps, kinds, taps, out)
         except native_regions._Unsupported:
             return None
         namespace = {"numba": types.SimpleNamespace(njit=lambda **kw: (lambda f: f))}
@@ -290,10 +290,10 @@ def test_a_region_another_thread_is_building_runs_eagerly_meanwhile():
     graph = Node("sub", [L("a"), L("b")])
     fuser = native_fuser()
     kinds = ("f32", "bf16")
-    fuser.native._loops[(region(graph), kinds, ())] = native_regions.BUILDING
+    fuser.native._loops[(region(graph), kinds, (), "f32")] = native_regions.BUILDING
     assert same_bits(evaluate(graph, (7, 5), data, 35, fuser), evaluate(graph, (7, 5), data, 35))
-    assert fuser.native._loops[(region(graph), kinds, ())] is native_regions.BUILDING  # not built twice
-    del fuser.native._loops[(region(graph), kinds, ())]
+    assert fuser.native._loops[(region(graph), kinds, (), "f32")] is native_regions.BUILDING  # not built twice
+    del fuser.native._loops[(region(graph), kinds, (), "f32")]
     evaluate(graph, (7, 5), data, 35, fuser)
     assert loops_built(fuser)
 
@@ -410,3 +410,23 @@ def test_a_reduction_whose_inputs_no_loop_computes_together_is_not_tapped():
     fuser = native_fuser()
     assert same_bits(evaluate(graph, SHAPE, data, 33 * 20, fuser), evaluate(graph, SHAPE, data, 33 * 20))
     assert loops_built(fuser) and not tapped_loops(fuser)
+
+
+def test_the_output_region_writes_bfloat16_as_torch_rounds_it():
+    """For a bf16 output the loop rounds its results to nearest even itself. A chunk with a NaN
+    result is computed again in float32, so that torch picks the NaN's bits as it does eagerly."""
+    data = _data(SHAPE)
+    graph = every_op()
+    expected = evaluate(graph, SHAPE, data, 33 * 64).to(torch.bfloat16)
+    for chunk in (33 * 64, 33 * 5):
+        fuser = native_fuser()
+        got = evaluate(graph, SHAPE, data, chunk, fuser, out_dtype=torch.bfloat16)
+        assert same_bits(got.to(torch.bfloat16).float(), expected.float()), chunk
+        assert torch.isnan(expected).any() and (~torch.isnan(expected)).float().mean() > 0.9
+        outs = {key[3] for key, loop in fuser.native._loops.items() if loop is not None and key[0][-1].node is graph}
+        assert outs == {"bf16", "f32"}, chunk  # the f32 loop for the chunks with a NaN
+    x = torch.tensor([1.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8 + 2**-20), 3.4e38, 1e-40, -0.0])
+    x = torch.cat([x, -x, torch.randn(200)]).reshape(-1, 1)  # ties to even, rounding up, overflow, subnormals
+    got = evaluate(Node("neg", [L("a")]), (x.shape[0], 1), {"a": x}, 50, native_fuser(), out_dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got.view(torch.int16), (-x).to(torch.bfloat16).view(torch.int16))
