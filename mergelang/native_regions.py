@@ -65,11 +65,6 @@ ABS = np.uint32(0x7FFFFFFF)
 SH16 = np.uint32(16)
 BF16_BIAS = np.uint32(0x7FFF)
 BF16_LSB = np.uint32(1)
-SH15 = np.uint64(15)
-SH16_64 = np.uint64(16)
-MASK32 = np.uint64(0xFFFFFFFF)
-M1 = np.uint64({m1})
-M2 = np.uint64({m2})
 '''
 
 
@@ -158,9 +153,7 @@ def _generate(steps: tuple[Step, ...], kinds: tuple[str, ...], taps: tuple = (),
         value[i] = _emit(w, n.op, i, inputs, p, random_steps)
     root = len(steps) - 1
     result = w.text(value[root], f"R{root}")
-    source = _HEADER.format(m1=rng.M1, m2=rng.M2)
-    if taps:
-        source += _tap_imports(taps)
+    source = _HEADER + _imports(taps, bool(random_steps))
     source += "\n".join(w.constants) + "\n\n\n"
     tap_arrays = [f"A{k}_{a}" for k, (_, _, _, dims) in enumerate(taps) for a in range(len(dims))]
     signature = ", ".join(["n", "start", "first", "keys", *params, "out", *tap_arrays])
@@ -225,15 +218,18 @@ TAP_LOOPS = ("abs_sum_bins", "high_histogram")  # the loops of native_loops a ta
 TAP_BLOCK = 2048  # entries per block of a tapped loop: its block buffers stay in the L1 cache
 
 
-def _tap_imports(taps: tuple) -> str:
-    """The header lines of a tapped region: its loops, and the digest of the module they come from
-    (the generated file's name follows its source, so a change there compiles the region anew)."""
-    loops = sorted({loop for _, loop, _, _ in taps})
-    if any(loop not in TAP_LOOPS for loop in loops):
+def _imports(taps: tuple, random: bool) -> str:
+    """The header lines of a region that calls into native_loops (its taps' loops, rng's draw), with
+    the digest of that module (the generated file's name follows its source, so a change there
+    compiles the region anew)."""
+    names = sorted({loop for _, loop, _, _ in taps} | ({"draw32"} if random else set()))
+    if not names:
+        return ""
+    if any(loop not in TAP_LOOPS for _, loop, _, _ in taps):
         raise _Unsupported("a tap on an unknown loop")
     source = Path(native.__file__).with_name("native_loops.py").read_bytes()
-    return (f"from mergelang.ops.native_loops import {', '.join(loops)}  # "
-            f"{hashlib.sha256(source).hexdigest()[:16]}\nTAP_BLOCK = {TAP_BLOCK}\n")
+    return (f"from mergelang.ops.native_loops import {', '.join(names)}  # "
+            f"{hashlib.sha256(source).hexdigest()[:16]}\n" + (f"TAP_BLOCK = {TAP_BLOCK}\n" if taps else ""))
 
 
 class _Arg:
@@ -307,12 +303,7 @@ def _emit(w: _Writer, op: str, i: int, inputs: list[_Arg], p: dict, random_steps
         limit = w.constant(f"LIMIT{i}", f"np.uint64({rng.threshold(probability)})")
         w.setup += [f"k0_{i} = keys[{2 * r}]", f"k1_{i} = keys[{2 * r + 1}]"]
         kept = x[0] if op == "keep_random" else f"{x[0]} / {w.constant(f'S{i}', _f32(1.0 - p['p']))}"
-        b += [f"h{i} = ((first + np.uint64(g)) & MASK32) ^ k0_{i}",
-              f"h{i} ^= h{i} >> SH16_64",
-              f"h{i} = (h{i} * M1) & MASK32",
-              f"h{i} ^= (h{i} >> SH15) ^ k1_{i}",
-              f"h{i} = (h{i} * M2) & MASK32",
-              f"h{i} ^= h{i} >> SH16_64",
+        b += [f"h{i} = draw32(first + np.uint64(g), k0_{i}, k1_{i})",
               f"{out} = {kept} if h{i} < {limit} else F0"]
     elif op == "keep_top":
         if inputs[0].typ != "f" or inputs[1].typ != "i":

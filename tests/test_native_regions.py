@@ -129,7 +129,18 @@ class _Interpreted:
             return None
         namespace = {"numba": types.SimpleNamespace(njit=lambda **kw: (lambda f: f))}
         exec(compile(source.replace("import numba\n", ""), "<region>", "exec"), namespace)
+        namespace["draw32"] = _draw32  # the loop's draw (a numba intrinsic), in Python
         return namespace["region"], random_steps
+
+
+def _draw32(index, k0, k1):
+    """native_loops.draw32 on Python integers: rng.reference_draw with the round keys given."""
+    x = (int(index) & rng.MASK32) ^ int(k0)
+    x ^= x >> 16
+    x = (x * rng.M1) & rng.MASK32
+    x ^= (x >> 15) ^ int(k1)
+    x = (x * rng.M2) & rng.MASK32
+    return np.uint32(x ^ (x >> 16))
 
 
 @settings(max_examples=100, deadline=None)

@@ -7,15 +7,43 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 from .. import rng
 
-M1, M2, MASK32 = np.uint64(rng.M1), np.uint64(rng.M2), np.uint64(0xFFFFFFFF)
 ABS = np.uint32(0x7FFFFFFF)
 ZERO = np.uint32(0)
-SIXTEEN, FIFTEEN = np.uint64(16), np.uint64(15)
 
 jit = numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=False)
+
+
+@intrinsic
+def draw32(typingctx, index, k0, k1):
+    """rng's draw (rng.reference_draw) for the low 32 bits of an element's index under the round
+    keys k0, k1 of its high bits, as uint32. Written in 32-bit LLVM integers: numba widens integer
+    arithmetic to 64 bits, and a loop of 64-bit multiplies vectorizes half as wide (0.62 against
+    0.34 ns per entry for a random mask)."""
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+
+        def low32(v):
+            width = v.type.width
+            return builder.trunc(v, i32) if width > 32 else builder.zext(v, i32) if width < 32 else v
+
+        def const(v):
+            return ir.Constant(i32, v)
+
+        x, a, b = (low32(v) for v in args)
+        x = builder.xor(x, a)
+        x = builder.xor(x, builder.lshr(x, const(16)))
+        x = builder.mul(x, const(rng.M1))
+        x = builder.xor(x, builder.xor(builder.lshr(x, const(15)), b))
+        x = builder.mul(x, const(rng.M2))
+        return builder.xor(x, builder.lshr(x, const(16)))
+
+    return types.uint32(index, k0, k1), codegen
 
 
 @jit
@@ -24,13 +52,7 @@ def select_random(xbits, out, first, k0, k1, limit):
     else 0 (+0.0). `first` is the low 32 bits of the first index; k0, k1 the round keys of the high
     bits, which every element shares."""
     for j in range(xbits.shape[0]):
-        x = ((first + np.uint64(j)) & MASK32) ^ k0
-        x ^= x >> SIXTEEN
-        x = (x * M1) & MASK32
-        x ^= (x >> FIFTEEN) ^ k1
-        x = (x * M2) & MASK32
-        x ^= x >> SIXTEEN
-        out[j] = xbits[j] if x < limit else ZERO
+        out[j] = xbits[j] if draw32(first + np.uint64(j), k0, k1) < limit else ZERO
 
 
 @jit
