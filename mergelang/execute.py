@@ -127,14 +127,23 @@ class TensorEvaluator:
     def shared_loads(self) -> frozenset[Node]:
         """The loads that more than one region of this tensor reads (ties' base, read for every
         fine-tune's delta and again for the output): the output's region and the regions under the
-        inputs of its reductions and tensor ops, each stopping at every reduction input. That counts
-        an input below one that keep_inputs leaves out (x in l1_ratio(x, keep_random(x))) once,
-        though its pass reads it again: kept whole, it would take the budget from the mask's result,
-        which costs more to recompute."""
+        inputs of its reductions and tensor ops, each stopping at every reduction input that is kept
+        whole. That counts an input below one that keep_inputs leaves out (x in
+        l1_ratio(x, keep_random(x))) once, though its pass reads it again: kept whole, it would take
+        the budget from the mask's result, which costs more to recompute eagerly.
+
+        The inputs of reductions a native loop taps (tapped_pass) are not kept whole here: their
+        loads are, and the loops compute them again from those. Kept whole, ties' deltas took twice
+        the memory of the fine-tunes (float32 against bf16), and writing and reading them back cost
+        the time that recomputing them saves (0.13 GB less at the peak of dare_linear and of ties
+        on the benchmark family, the time the same)."""
         if self._shared is None:
             ops = [n for n in walk(self.tp.graph) if n.op in OPS and OPS[n.op].kind != "elementwise"]
             # the inputs of reductions are kept whole (keep_whole): regions above them stop there
-            kept = frozenset(a for n in ops if OPS[n.op].kind != "tensor" for a in n.args if not is_leaf(a))
+            native = getattr(self.fuser, "native", None) is not None
+            kept = frozenset(a for n in ops if OPS[n.op].kind != "tensor"
+                             and not (native and hasattr(OPS[n.op].kernel, "taps"))
+                             for a in n.args if not is_leaf(a))
             roots = [self.tp.graph] + [a for n in ops for a in n.args if a.op != "const"]
             count: dict[Node, int] = {}
             for root in dict.fromkeys(roots):
@@ -209,12 +218,13 @@ class TensorEvaluator:
 
     def tapped_pass(self, inputs, reducer) -> bool:
         """A reduction's first pass inside the native loop of one of its inputs, the root: the loop
-        that computes the root (kept whole when it fits the budget, as keep_inputs would) hands
-        every input's values to the reducer's loops as it computes them (native_regions, taps).
-        l1_ratio(x, keep_random(x)) so reads x's inputs once, not twice, and makes one pass, not
-        three. The other inputs must be values of the root's region. False, with nothing done,
-        where this does not apply: the reducer has no taps, no input is such a root, or its region
-        is not a native loop. A chunk the loop leaves out (a short last one) is evaluated eagerly."""
+        that computes the root hands every input's values to the reducer's loops as it computes
+        them (native_regions, taps). l1_ratio(x, keep_random(x)) so reads x's inputs once, not
+        twice, and makes one pass, not three. The other inputs must be values of the root's region.
+        The root is kept whole when it fits the budget, as keep_inputs would, except with
+        keep_loads, where its loads are kept instead (shared_loads). False, with nothing done, where
+        this does not apply: the reducer has no taps, no input is such a root, or its region is not
+        a native loop. A chunk the loop leaves out (a short last one) is evaluated eagerly."""
         native = getattr(self.fuser, "native", None)
         taps = reducer.taps(0) if native is not None and hasattr(reducer, "taps") else None
         if not taps:
@@ -231,7 +241,7 @@ class TensorEvaluator:
         taps = tuple((index[a], loop, arrays, constants) for a, (loop, arrays, constants) in zip(inputs, taps))
         nbytes = self.rows * self.row_size * 4
         whole = None
-        if self.cached_bytes + nbytes <= self.budget:
+        if not self.keep_loads and self.cached_bytes + nbytes <= self.budget:  # else its loads are kept
             whole = torch.empty(self.shape, dtype=torch.float32, device=self.device)
         for r0, r1 in self.chunks():
             part = None if whole is None else whole[r0:r1]

@@ -110,3 +110,62 @@ def test_workers_read_an_input_that_several_regions_share_once(family, tmp_path,
     assert reads[1]["base"] == size  # side by side: once
     assert reads[1]["ft0"] == reads[1]["ft1"] == size
     assert (outputs[0] / "model.safetensors").read_bytes() == (outputs[1] / "model.safetensors").read_bytes()
+
+
+def test_tapped_reductions_keep_their_loads_and_read_each_input_once(family, tmp_path, monkeypatch):
+    """With native loops (here on the tiny family's tensors too), l1_ratio's and topk_cutoff's
+    first passes run inside the loops of their inputs (TensorEvaluator.tapped_pass), which are not
+    kept whole: side by side, each worker keeps the loads instead, reading every input once per
+    tensor; the bytes are those of -j 1 and of the eager path. (A density of 0.7 draws no warning,
+    whose check would read samples of the inputs.)"""
+    from collections import Counter
+
+    from conftest import write_spec
+    from mergelang.api import RunOptions, run
+    from mergelang.execute import TensorEvaluator
+    from mergelang.io import Checkpoint
+    from mergelang.ops import OPS, native
+
+    monkeypatch.setattr(native, "MIN_ELEMENTS", 1)
+    monkeypatch.setenv("MERGELANG_CACHE_DIR", str(tmp_path / "cache"))
+    spec = write_spec(tmp_path, f'base = model("{family / "base"}")\nft0 = model("{family / "ft0"}")\n'
+                                f'ft1 = model("{family / "ft1"}")\n'
+                                "output dare_linear(base, [ft0, ft1], weights=[0.6, 0.4], density=0.7) + "
+                                "ties(base, [ft0, ft1], weights=[0.6, 0.4], density=0.5)\n")
+    read = Checkpoint.read
+    counted: Counter = Counter()
+
+    def counting(self, name, start=0, stop=None):
+        data = read(self, name, start, stop)
+        counted[self.path.name] += data.numel() * data.element_size()
+        return data
+
+    tapped: dict = {}  # side-by-side evaluator → its tapped_pass results
+    real_tapped_pass = TensorEvaluator.tapped_pass
+
+    def tapped_pass(self, *args):
+        done = real_tapped_pass(self, *args)
+        if self.keep_loads:
+            tapped.setdefault(self, []).append(done)
+        return done
+
+    monkeypatch.setattr(Checkpoint, "read", counting)
+    monkeypatch.setattr(TensorEvaluator, "tapped_pass", tapped_pass)
+    threads = torch.get_num_threads()
+    outputs, reads = {}, {}
+    try:
+        for j, mode in ((2, "auto"), (1, "auto"), (2, "never")):
+            torch.set_num_threads(j)
+            counted.clear()
+            outputs[j, mode] = (run(spec, tmp_path / f"j{j}{mode}", RunOptions(chunk=512, compile=mode))
+                                / "model.safetensors").read_bytes()
+            reads[j, mode] = dict(counted)
+    finally:
+        torch.set_num_threads(threads)
+    # Every reduction of a tensor tapped (the others are the loops' first chunks, built meanwhile):
+    # no delta, no mask is kept whole, the loads are.
+    all_tapped = [ev for ev, done in tapped.items() if all(done)]
+    assert all_tapped and not [n for ev in all_tapped for n in ev.cache if OPS[n.op].kind == "elementwise"]
+    size = sum(info.nbytes for info in Checkpoint.open(family / "base").tensors.values())
+    assert reads[2, "auto"] == {"base": size, "ft0": size, "ft1": size}
+    assert outputs[2, "auto"] == outputs[1, "auto"] == outputs[2, "never"]
