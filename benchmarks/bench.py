@@ -15,7 +15,9 @@ given torch version always makes the same bytes, and only one shard's tensors ar
 
 Each merge is run by both tools, alternating, under GNU time (`/usr/bin/time -v`) for the peak
 resident set size; wall time is measured around the process. Before any timing, every input file is
-read once (untimed) so that all runs find the inputs in the page cache. The floor is what the machine
+read once (untimed) so that all runs find the inputs in the page cache; before each run, untimed,
+`sync` writes back what the runs before it left dirty (mergekit does not fsync its output: the
+kernel wrote it back during the next run) and the merge's inputs are read again. The floor is what the machine
 needs at least for that merge: reading each of its inputs once from the page cache, and writing and
 fsyncing one model-sized file, through the page cache or with O_DIRECT, whichever is faster.
 """
@@ -23,6 +25,7 @@ fsyncing one model-sized file, through the page cache or with O_DIRECT, whicheve
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import mmap
@@ -456,10 +459,20 @@ def _clean(out: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def run_tool(result: Result, cmd: list[str], out: Path, log: Path, keep: bool) -> None:
+def settle(root: Path, inputs: tuple[str, ...]) -> None:
+    """Before a timed run, untimed: flush what earlier runs left to write back (mergekit does not
+    fsync its output, and the kernel would write it during the next run), and read the merge's
+    inputs into the page cache again (this machine's host reclaims idle page cache)."""
+    os.sync()
+    warm_page_cache(root, inputs)
+
+
+def run_tool(result: Result, cmd: list[str], out: Path, log: Path, keep: bool,
+             prepare=lambda: None) -> None:
     if result.error:
         return
     _clean(out)
+    prepare()
     try:
         result.runs.append(timed(cmd, log))
         last = result.runs[-1]
@@ -599,11 +612,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{merge.name}:", file=sys.stderr, flush=True)
         for i in range(args.runs):
             keep = args.keep_outputs and i == args.runs - 1
+            prepare = functools.partial(settle, root, merge.inputs)
             if not args.skip_mergekit:
                 out = outs / f"mergekit-{merge.name}"
-                run_tool(mk, mergekit_command(yaml, out), out, logs / f"mergekit-{merge.name}-{i}.log", keep)
+                run_tool(mk, mergekit_command(yaml, out), out, logs / f"mergekit-{merge.name}-{i}.log", keep,
+                         prepare)
             out = outs / f"mergelang-{merge.name}"
-            run_tool(ml, mergelang_command(spec, out), out, logs / f"mergelang-{merge.name}-{i}.log", keep)
+            run_tool(ml, mergelang_command(spec, out), out, logs / f"mergelang-{merge.name}-{i}.log", keep,
+                     prepare)
 
     depth_rows = []
     if args.depth_check:
@@ -621,7 +637,8 @@ def main(argv: list[str] | None = None) -> None:
                 for i in range(args.runs):
                     out = outs / f"mergelang-{merge.name}-l{layers}"
                     run_tool(res, mergelang_command(spec, out), out,
-                             logs / f"mergelang-{merge.name}-l{layers}-{i}.log", False)
+                             logs / f"mergelang-{merge.name}-l{layers}-{i}.log", False,
+                             functools.partial(settle, r, merge.inputs))
             depth_rows.append((layers, s.params(), model_bytes(r / "base"), res))
 
     report(args, shape, size, warm_bytes, warm_s, floor, results, depth_rows, workdir)
@@ -668,7 +685,9 @@ def report(args, shape, size, warm_bytes, warm_s, floor, results, depth_rows, wo
           f"{floor.write_nosync_s:.2f} s to write it into the page cache without fsync); medians of "
           f"{args.runs}. mergelang fsyncs its output; mergekit does not.")
     print(f"Page cache: warmed before timing by one untimed read of every input file "
-          f"({warm_bytes / GB:.2f} GB in {warm_s:.1f} s).")
+          f"({warm_bytes / GB:.2f} GB in {warm_s:.1f} s). Before each timed run, untimed: the last output "
+          f"is deleted, `sync` writes back what earlier runs left dirty (mergekit does not fsync its "
+          f"output), and the merge's inputs are read once more.")
     print(f"Runs: {args.runs} per tool and merge, the tools alternating; wall = median, peak RSS = largest "
           f"'Maximum resident set size' reported by GNU time; GB = 10^9 bytes. Both tools compute in float32 "
           f"and write bf16 (mergekit: dtype float32, out_dtype bfloat16) as one output file.")
