@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -74,6 +75,22 @@ def test_workers_follow_threads_device_and_compilation():
         torch.set_num_threads(threads)
 
 
+def count_reads(monkeypatch) -> Counter:
+    """Bytes read from each checkpoint (by its folder's name), counted from now on."""
+    from mergelang.io import Checkpoint
+
+    read = Checkpoint.read
+    counted: Counter = Counter()
+
+    def counting(self, name, start=0, stop=None):
+        data = read(self, name, start, stop)
+        counted[self.path.name] += data.numel() * data.element_size()
+        return data
+
+    monkeypatch.setattr(Checkpoint, "read", counting)
+    return counted
+
+
 def test_workers_read_an_input_that_several_regions_share_once(family, tmp_path, monkeypatch):
     """ties reads base for every fine-tune's delta and again for the output: side by side, each
     worker keeps it whole (as stored) and reads it once per tensor; the bytes stay those of -j 1."""
@@ -86,15 +103,7 @@ def test_workers_read_an_input_that_several_regions_share_once(family, tmp_path,
     spec = write_spec(tmp_path, f'base = model("{family / "base"}")\nft0 = model("{family / "ft0"}")\n'
                                 f'ft1 = model("{family / "ft1"}")\n'
                                 "output ties(base, [ft0, ft1], weights=[0.6, 0.4], density=0.5)\n")
-    read = Checkpoint.read
-    counted: Counter = Counter()
-
-    def counting(self, name, start=0, stop=None):
-        data = read(self, name, start, stop)
-        counted[self.path.name] += data.numel() * data.element_size()
-        return data
-
-    monkeypatch.setattr(Checkpoint, "read", counting)
+    counted = count_reads(monkeypatch)
     threads = torch.get_num_threads()
     outputs, reads = [], []
     try:
@@ -118,8 +127,6 @@ def test_tapped_reductions_keep_their_loads_and_read_each_input_once(family, tmp
     kept whole: side by side, each worker keeps the loads instead, reading every input once per
     tensor; the bytes are those of -j 1 and of the eager path. (A density of 0.7 draws no warning,
     whose check would read samples of the inputs.)"""
-    from collections import Counter
-
     from conftest import write_spec
     from mergelang.api import RunOptions, run
     from mergelang.execute import TensorEvaluator
@@ -132,14 +139,7 @@ def test_tapped_reductions_keep_their_loads_and_read_each_input_once(family, tmp
                                 f'ft1 = model("{family / "ft1"}")\n'
                                 "output dare_linear(base, [ft0, ft1], weights=[0.6, 0.4], density=0.7) + "
                                 "ties(base, [ft0, ft1], weights=[0.6, 0.4], density=0.5)\n")
-    read = Checkpoint.read
-    counted: Counter = Counter()
-
-    def counting(self, name, start=0, stop=None):
-        data = read(self, name, start, stop)
-        counted[self.path.name] += data.numel() * data.element_size()
-        return data
-
+    counted = count_reads(monkeypatch)
     tapped: dict = {}  # side-by-side evaluator → its tapped_pass results
     real_tapped_pass = TensorEvaluator.tapped_pass
 
@@ -149,7 +149,6 @@ def test_tapped_reductions_keep_their_loads_and_read_each_input_once(family, tmp
             tapped.setdefault(self, []).append(done)
         return done
 
-    monkeypatch.setattr(Checkpoint, "read", counting)
     monkeypatch.setattr(TensorEvaluator, "tapped_pass", tapped_pass)
     threads = torch.get_num_threads()
     outputs, reads = {}, {}
