@@ -140,7 +140,8 @@ class TensorEvaluator:
         if self._shared is None:
             ops = [n for n in walk(self.tp.graph) if n.op in OPS and OPS[n.op].kind != "elementwise"]
             # the inputs of reductions are kept whole (keep_whole): regions above them stop there
-            native = getattr(self.fuser, "native", None) is not None
+            loops = getattr(self.fuser, "native", None)
+            native = loops is not None and loops.may_run(self.device)
             kept = frozenset(a for n in ops if OPS[n.op].kind != "tensor"
                              and not (native and hasattr(OPS[n.op].kernel, "taps"))
                              for a in n.args if not is_leaf(a))

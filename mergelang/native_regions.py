@@ -384,6 +384,11 @@ class NativeRegions:
         self._lock = threading.Lock()
         self._building = False
 
+    @staticmethod
+    def may_run(device: torch.device) -> bool:
+        """Whether loops may run on this device at all (the CPU, unless MERGELANG_NATIVE=0)."""
+        return device.type == "cpu" and os.environ.get(native.ENV, "1") != "0"
+
     def rows_of(self, evaluator, steps: tuple[Step, ...], r0: int, r1: int, out: torch.Tensor | None = None,
                 taps: tuple = ()):
         """Rows [r0, r1) of the region's root as float32, written into `out` when it is a contiguous
@@ -392,7 +397,7 @@ class NativeRegions:
         for each value of the region whose rows the loop also passes to that loop with those
         arguments (a reduction's pass: see TensorEvaluator.tapped_pass)."""
         count = (r1 - r0) * evaluator.row_size
-        if count < native.MIN_ELEMENTS or evaluator.device.type != "cpu" or not supported(steps):
+        if count < native.MIN_ELEMENTS or not self.may_run(evaluator.device) or not supported(steps):
             return None
         start = r0 * evaluator.row_size
         if (start >> 32) != ((start + count - 1) >> 32) and any(
