@@ -120,9 +120,9 @@ def main() -> None:
     keys = np.array(rng._round_keys(key, 0), dtype=np.uint64)
     steps = region(kept)
     plain = _loop(steps, ("bf16", "bf16"))
-    tap = ("abs_sum_bins", (2,), ())  # (loop, array dimensions, constants) of an exact sum
-    taps = tuple((i, tap[0], tap[2], tap[1] + (1,)) for i in (steps.index(next(s for s in steps if s.node is d)),
-                                                               len(steps) - 1))
+    delta_step = next(i for i, s in enumerate(steps) if s.node is d)
+    sum_tap = ("abs_sum_bins", (), (2, 1))  # an exact sum: loop, constants, dimensions of bins and flags
+    taps = tuple((i, *sum_tap) for i in (delta_step, len(steps) - 1))
     tapped = _loop(steps, ("bf16", "bf16"), taps)
     sums = [(np.zeros((4, 256), np.int64), np.zeros(2, np.int64)) for _ in range(2)]
     deltas = np.empty(n, np.float32)

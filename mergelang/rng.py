@@ -59,7 +59,11 @@ def _round_keys(key: int, high: int) -> tuple[int, int]:
 
 def reference_draw(key: int, index: int) -> int:
     """The draw for one element, on Python integers: the definition that `draws` vectorizes."""
-    k0, k1 = _round_keys(key, index >> 32)
+    return keyed_draw(index, *_round_keys(key, index >> 32))
+
+
+def keyed_draw(index: int, k0: int, k1: int) -> int:
+    """The draw for the low 32 bits of an index under the round keys of its high bits."""
     x = (index & MASK32) ^ k0
     x ^= x >> 16
     x = (x * M1) & MASK32

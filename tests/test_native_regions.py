@@ -134,13 +134,8 @@ class _Interpreted:
 
 
 def _draw32(index, k0, k1):
-    """native_loops.draw32 on Python integers: rng.reference_draw with the round keys given."""
-    x = (int(index) & rng.MASK32) ^ int(k0)
-    x ^= x >> 16
-    x = (x * rng.M1) & rng.MASK32
-    x ^= (x >> 15) ^ int(k1)
-    x = (x * rng.M2) & rng.MASK32
-    return np.uint32(x ^ (x >> 16))
+    """native_loops.draw32 in Python: rng's draw under the round keys given."""
+    return np.uint32(rng.keyed_draw(int(index), int(k0), int(k1)))
 
 
 @settings(max_examples=100, deadline=None)

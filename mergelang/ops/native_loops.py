@@ -21,7 +21,7 @@ jit = numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=False)
 
 @intrinsic
 def draw32(typingctx, index, k0, k1):
-    """rng's draw (rng.reference_draw) for the low 32 bits of an element's index under the round
+    """rng's draw (rng.keyed_draw) for the low 32 bits of an element's index under the round
     keys k0, k1 of its high bits, as uint32. Written in 32-bit LLVM integers: numba widens integer
     arithmetic to 64 bits, and a loop of 64-bit multiplies vectorizes half as wide (0.62 against
     0.34 ns per entry for a random mask)."""
