@@ -100,10 +100,64 @@ def test_read_ranges_matches_safetensors(single: Path):
 
 
 def test_read_returns_a_fresh_buffer(single: Path):
+    path = single / "model.safetensors"
+    before = path.read_bytes()
     with Checkpoint.open(single) as ckpt:
         a = ckpt.read("bytes")
         a.zero_()
-        assert torch.equal(ckpt.read("bytes"), load_file(str(single / "model.safetensors"))["bytes"])
+        assert torch.equal(ckpt.read("bytes"), load_file(str(path))["bytes"])
+    assert path.read_bytes() == before  # a write to a mapped read copies the page, never the file
+
+
+def _mappings_of(path: Path) -> int:
+    return sum(line.rstrip().endswith(str(path)) for line in Path("/proc/self/maps").read_text().splitlines())
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="counts mappings in /proc/self/maps")
+def test_reads_are_mapped_until_freed(single: Path):
+    path = single / "model.safetensors"
+    reference = load_file(str(path))
+    ckpt = Checkpoint.open(single)
+    before = _mappings_of(path)
+    a = ckpt.read("model.layers.0.self_attn.q_proj.weight")
+    view = a[1:]
+    assert _mappings_of(path) == before + 1
+    ckpt.close()  # the mapping outlives the file descriptor
+    assert torch.equal(view, reference["model.layers.0.self_attn.q_proj.weight"].reshape(-1)[1:])
+    del a
+    assert _mappings_of(path) == before + 1  # a view holds it
+    del view
+    assert _mappings_of(path) == before
+
+
+def test_unmappable_file_is_read_with_pread(single: Path, monkeypatch):
+    import mergelang.io.checkpoint as checkpoint
+
+    def refuse(*args, **kwargs):
+        raise OSError(19, "No such device")  # ENODEV: what mmap says on a file system without it
+
+    monkeypatch.setattr(checkpoint.mmap, "mmap", refuse)
+    reference = load_file(str(single / "model.safetensors"))
+    with Checkpoint.open(single) as ckpt:
+        for name, ref in reference.items():
+            flat = ref.reshape(-1)
+            assert torch.equal(ckpt.read(name), flat), name
+            assert torch.equal(ckpt.read(name, flat.numel() // 3), flat[flat.numel() // 3:]), name
+
+
+def test_entries_misaligned_in_the_file_are_copied(tmp_path: Path):
+    values = torch.arange(-6, 7, dtype=torch.float16)
+    data = values.numpy().tobytes()
+    header = json.dumps({"x": {"dtype": "F16", "shape": [13], "data_offsets": [0, len(data)]}}).encode()
+    header += b" " * (1 - len(header) % 2)  # an odd length: every entry starts at an odd byte
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + data)
+    with Checkpoint.open(folder) as ckpt:
+        assert ckpt.tensors["x"].start % 2 == 1
+        whole, part = ckpt.read("x"), ckpt.read("x", 5, 9)
+        assert torch.equal(whole, values) and torch.equal(part, values[5:9])
+        assert whole.data_ptr() % 2 == 0 and part.data_ptr() % 2 == 0  # as loops and kernels expect
 
 
 def test_read_out_of_range_and_unknown_name(single: Path):

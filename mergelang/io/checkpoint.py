@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import threading
 from pathlib import Path
@@ -32,6 +33,27 @@ def _pread_into(fd: int, buf: memoryview, offset: int) -> int:
             break
         done += got
     return done
+
+
+def map_range(fd: int, offset: int, nbytes: int) -> torch.Tensor | None:
+    """Bytes [offset, offset + nbytes) of the file as a uint8 tensor over a private mapping, which
+    is unmapped when the tensor and its views are freed; None where the file cannot be mapped.
+
+    A mapped read costs less than a copied one: the file's pages are in the page cache (or are read
+    there once, ahead of use: MADV_WILLNEED), and mapping them touches no fresh memory, where a
+    copy first faults in and zeroes its buffer. A value kept whole is then the cached pages themselves, and a
+    range read again in a later pass is mapped again, not copied again. Writing to the tensor
+    copies the pages written, never the file. The caller checks that the range lies within the
+    file: mapped bytes past its end fault when touched.
+    """
+    base = offset - offset % mmap.ALLOCATIONGRANULARITY
+    try:
+        mapping = mmap.mmap(fd, offset + nbytes - base, access=mmap.ACCESS_COPY, offset=base)
+    except (OSError, ValueError):
+        return None
+    if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
+        mapping.madvise(mmap.MADV_WILLNEED)
+    return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=offset - base)
 
 
 def _load_json(path: Path, what: str) -> object:
@@ -73,7 +95,7 @@ def element_range(tensors: dict[str, TensorInfo], name: str, start: int, stop: i
 
 
 class Checkpoint:
-    """A checkpoint folder: tensor locations from the headers, data read on demand with pread."""
+    """A checkpoint folder: tensor locations from the headers, data mapped on demand."""
 
     def __init__(
         self,
@@ -130,7 +152,11 @@ class Checkpoint:
         return cls(folder, tensors, files, config)
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Elements [start, stop) of the flattened tensor `name`, as a new 1-D CPU tensor."""
+        """Elements [start, stop) of the flattened tensor `name`, as a new 1-D CPU tensor.
+
+        The tensor maps the file's range privately (see `map_range`); where the file cannot be
+        mapped, the range is read into fresh memory with pread.
+        """
         info, stop = element_range(self.tensors, name, start, stop, f"checkpoint {self.path}")
         dtype = DTYPES[info.dtype]
         size = dtype.itemsize
@@ -138,8 +164,16 @@ class Checkpoint:
         if nbytes == 0:
             return torch.empty(0, dtype=dtype)
         offset = info.start + start * size
-        out = torch.empty(nbytes, dtype=torch.uint8)
-        got = _pread_into(self._fd(info.path), byte_view(out), offset)
+        fd = self._fd(info.path)
+        # Mapped bytes past the end of the file would fault when touched, not fail here.
+        got = min(nbytes, max(0, os.fstat(fd).st_size - offset))
+        if got == nbytes:
+            # An entry misaligned in the file (a header of odd length) cannot be viewed in place.
+            mapped = map_range(fd, offset, nbytes) if offset % size == 0 else None
+            if mapped is not None:
+                return mapped.view(dtype)
+            out = torch.empty(nbytes, dtype=torch.uint8)
+            got = _pread_into(fd, byte_view(out), offset)
         if got != nbytes:
             raise CheckpointError(
                 f"expected {nbytes} bytes at byte {offset}, but only {got} could be read "
