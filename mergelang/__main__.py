@@ -1,5 +1,5 @@
 """`python -m mergelang` runs the command line."""
 
-from .cli import entry
+from .launch import entry
 
 entry()

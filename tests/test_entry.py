@@ -4,9 +4,12 @@ normal interpreter shutdown gives."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from mergelang import __version__
 
@@ -41,3 +44,18 @@ def test_usage_error_and_version(tmp_path: Path):
     assert usage.returncode == 2 and "Missing argument 'SPEC'" in usage.stderr
     version = _mergelang("--version", cwd=tmp_path)
     assert (version.returncode, version.stdout.strip()) == (0, f"mergelang, version {__version__}")
+
+
+@pytest.mark.skipif(shutil.which("strace") is None or not sys.platform.startswith("linux"),
+                    reason="counts the process's mappings with strace")
+def test_imports_run_in_one_frame_stack_chunk(tmp_path: Path):
+    """launch._roomy: the command's frames fit one chunk of the interpreter's frame stack, so its
+    imports do not map and unmap a chunk of 16 KB at every call on a chunk's edge."""
+    trace = tmp_path / "trace"
+
+    def chunks(*python: str) -> int:
+        subprocess.run(["strace", "-f", "-e", "trace=mmap", "-e", "signal=none", "-o", str(trace), sys.executable,
+                        *python], cwd=tmp_path, capture_output=True, check=True, timeout=300)
+        return trace.read_text().count("mmap(NULL, 16384, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS")
+
+    assert chunks("-m", "mergelang", "--version") <= 5  # without its room: 1,000 to 14,000 here
