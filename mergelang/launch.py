@@ -4,8 +4,8 @@ inside one frame that reserves room on the interpreter's frame stack.
 CPython (3.11 and later) keeps each thread's Python frames in chunks of 16 KB, mapped when a call
 does not fit the current chunk and unmapped as soon as that call returns. A call sitting on a
 chunk's edge maps and unmaps a chunk every time it runs, and importing torch and mergelang's modules
-makes thousands of such calls: `import mergelang.cli` mapped and unmapped 10,000-14,000 chunks, about
-0.15 s of its 1.5 s here, where the first touch of fresh memory is slow. Where the imports start
+makes thousands of such calls: `import mergelang.cli` mapped and unmapped 10,000-14,000 chunks,
+0.1-0.15 s of its 1.4 s here, where the first touch of fresh memory is slow. Where the imports start
 decides how many: moved a few calls deeper, it was 800. Called from `_roomy`, whose frame reserves
 64 KB of stack slots, everything runs in one chunk of 128 KB taken once: 2 chunks mapped in all.
 """

@@ -41,10 +41,10 @@ def map_range(fd: int, offset: int, nbytes: int) -> torch.Tensor | None:
 
     A mapped read costs less than a copied one: the file's pages are in the page cache (or are read
     there once, ahead of use: MADV_WILLNEED), and mapping them touches no fresh memory, where a
-    copy first faults in and zeroes its buffer. A value kept whole is then the cached pages themselves, and a
-    range read again in a later pass is mapped again, not copied again. Writing to the tensor
-    copies the pages written, never the file. The caller checks that the range lies within the
-    file: mapped bytes past its end fault when touched.
+    copy first faults in and zeroes its buffer. A value kept whole is then the cached pages
+    themselves, and a range read again in a later pass is mapped again, not copied again. Writing
+    to the tensor copies the pages written, never the file. The caller checks that the range lies
+    within the file: mapped bytes past its end fault when touched.
     """
     base = offset - offset % mmap.ALLOCATIONGRANULARITY
     try:
