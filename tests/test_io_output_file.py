@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,48 @@ def test_chunks_that_do_not_end_on_a_page_still_make_full_runs(tmp_path: Path, m
     file.close()
     assert sizes == [8 * PAGE] * 5 + [PAGE]  # the last page, written whole and cut at close
     assert (tmp_path / "out.bin").read_bytes() == data
+
+
+@needs_o_direct
+def test_the_next_run_fills_while_the_disk_writes_the_last(tmp_path: Path, monkeypatch):
+    """A full run goes to the disk thread: the writes after it return while that write still waits."""
+    real = os.pwrite
+    gate = threading.Event()
+
+    def waiting(fd, data, offset):
+        assert gate.wait(10), "the write was not let through"
+        return real(fd, data, offset)
+
+    data = random.Random(14).randbytes(4 * PAGE)
+    file = direct_file(tmp_path / "out.bin", len(data), stage_bytes=2 * PAGE, runs=1)
+    monkeypatch.setattr(os, "pwrite", waiting)
+    file.write(memoryview(data[: 2 * PAGE]), 0)  # a full run: handed over, its write blocked
+    file.write(memoryview(data[2 * PAGE :]), 2 * PAGE)  # the second run, also handed over
+    gate.set()
+    file.close()
+    assert (tmp_path / "out.bin").read_bytes() == data
+
+
+@needs_o_direct
+def test_an_error_writing_a_run_reaches_the_writer_and_stops_the_writes(tmp_path: Path, monkeypatch):
+    """A disk that fills up under a run's write: the error is raised by a later write or close, the
+    runs handed over after it are dropped, and abort leaves nothing writing to the file."""
+    real = os.pwrite
+    offsets: list[int] = []
+
+    def filling(fd, data, offset):
+        offsets.append(offset)
+        if len(offsets) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    data = random.Random(15).randbytes(40 * PAGE)
+    file = direct_file(tmp_path / "out.bin", len(data), stage_bytes=PAGE, runs=1)
+    monkeypatch.setattr(os, "pwrite", filling)
+    with pytest.raises(OSError) as caught:
+        for k in range(0, len(data), PAGE):
+            file.write(memoryview(data[k : k + PAGE]), k)
+        file.close()
+    assert caught.value.errno == errno.ENOSPC
+    file.abort()
+    assert offsets == [0, PAGE]

@@ -6,9 +6,9 @@ back later; for an output the size of a model that copy is a large share of a me
 the dirty pages crowd out the inputs' cached pages. With O_DIRECT the disk reads the bytes from our
 memory instead. O_DIRECT wants page-aligned memory, offsets and lengths, while tensors start at any
 byte: so the whole pages inside a write are copied into aligned staging memory, gathered into runs
-of up to 4 MB while writes follow one another (Staging), and written a run at a time; the bytes
-at either end, which share a page with data not yet written, wait in a page buffer
-until that page is full. The file's last page is written whole and the file cut back to its size
+of up to 4 MB while writes follow one another (Staging), and written a run at a time, on a thread
+of their own so that the disk works while the next run fills; the bytes at either end, which share
+a page with data not yet written, wait in a page buffer until that page is full. The file's last page is written whole and the file cut back to its size
 when it is closed. Each byte must be written once (the writer writes each element once).
 
 Where the file system refuses O_DIRECT, at open or at a write, the file goes through the page cache,
@@ -21,12 +21,15 @@ import errno
 import mmap
 import os
 import threading
+from collections import deque
 from pathlib import Path
+from typing import Callable
 
 ENV = "MERGELANG_DIRECT_IO"
 PAGE = 4096
 STAGE_BYTES = 4 << 20
 MAX_RUNS = 8
+IN_FLIGHT = 2  # full runs handed to the disk thread and not yet written
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _FALLOCATE_UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
 # Buffered data is handed to the disk in steps of this size while the merge runs, so that the fsync
@@ -60,6 +63,13 @@ def _writeback_starter():
 _start_writeback = _writeback_starter()
 
 
+def _clear_direct(fd: int) -> None:
+    import fcntl
+
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~_O_DIRECT)
+
+
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     done = 0
     while done < len(data):
@@ -71,19 +81,82 @@ class Staging:
     whole pages gathered until a run fills its buffer (a chunk is 1-2 MB; a direct write waits for
     the disk, and larger ones keep it busier). A run goes on while the next write starts where it
     ends: tensors written side by side each make their own. At most `runs` wait at once; beyond
-    that the oldest is written as it is."""
+    that the oldest is written as it is. Full runs go to the disk on a thread (Flusher)."""
 
-    def __init__(self, nbytes: int = STAGE_BYTES, runs: int = MAX_RUNS):
+    def __init__(self, nbytes: int = STAGE_BYTES, runs: int = MAX_RUNS, in_flight: int = IN_FLIGHT):
         self.lock = threading.Lock()
         self.nbytes, self.max_runs = nbytes, runs
         self.runs: dict[tuple[int, int], list] = {}  # (file id, end offset) → [file, start, buffer], oldest first
+        self.flusher = Flusher(in_flight)
         self._free: list[memoryview] = []
+        self._free_lock = threading.Lock()  # buffers come back from the flusher's thread
 
     def take(self) -> memoryview:
-        return self._free.pop() if self._free else memoryview(mmap.mmap(-1, self.nbytes))
+        with self._free_lock:
+            if self._free:
+                return self._free.pop()
+        return memoryview(mmap.mmap(-1, self.nbytes))
 
     def give(self, buffer: memoryview) -> None:
-        self._free.append(buffer)
+        with self._free_lock:
+            self._free.append(buffer)
+
+
+class Flusher:
+    """Runs write jobs in order on a thread of its own, at most `limit` queued or running: a direct
+    write waits for the disk, and the run after it is gathered meanwhile (a copy into it and a
+    write of it one after the other left the disk idle during every copy). The thread ends when
+    nothing is left to do and starts again with the next job. A job's error is raised by the next
+    `submit` or `wait`, and the jobs queued after it are dropped."""
+
+    def __init__(self, limit: int):
+        self._limit = max(1, limit)
+        self._cond = threading.Condition()
+        self._jobs: deque[Callable[[], None]] = deque()
+        self._busy = False
+        self._error: BaseException | None = None
+        self._running = False
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._cond:
+            while len(self._jobs) + self._busy >= self._limit and self._error is None:
+                self._cond.wait()
+            self._raise()
+            self._jobs.append(job)
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, daemon=True, name="mergelang-disk").start()
+            self._cond.notify_all()
+
+    def wait(self) -> None:
+        """Until every job submitted is done; raise the error of one that failed."""
+        with self._cond:
+            while (self._jobs or self._busy) and self._error is None:
+                self._cond.wait()
+            self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._jobs:
+                    self._running = False
+                    return
+                job = self._jobs.popleft()
+                self._busy = True
+            try:
+                job()
+            except BaseException as error:
+                with self._cond:
+                    self._error = error
+                    self._jobs.clear()
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
 
 
 class OutputFile:
@@ -97,6 +170,7 @@ class OutputFile:
         self._lock = staging.lock if staging is not None else threading.Lock()
         self._pages: dict[int, list] = {}  # page index -> [page buffer, bytes filled]
         self._unflushed = 0
+        self._refused = False  # a run's direct write was refused (EINVAL): it went through the page cache
         flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
         self.direct = staging is not None and _O_DIRECT != 0
         fd = None
@@ -128,15 +202,12 @@ class OutputFile:
             self._write_buffered(data, offset)
             return
         with self._lock:
+            if self.direct and self._refused:
+                self._leave_direct_io()
             if self.direct:
-                try:
-                    self._write_direct(data, offset)
-                    return
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        raise
-                    self._leave_direct_io()
-        self._write_buffered(data, offset)  # all of it again: rewriting the same bytes is harmless
+                self._write_direct(data, offset)
+                return
+        self._write_buffered(data, offset)
 
     def _write_buffered(self, data: memoryview, offset: int) -> None:
         pwrite_all(self.fd, data, offset)
@@ -179,10 +250,30 @@ class OutputFile:
                 self._write_run((id(self), position))
 
     def _write_run(self, key: tuple[int, int]) -> None:
-        _, start, buffer = self._staging.runs[key]
-        pwrite_all(self.fd, buffer[: key[1] - start], start)
-        del self._staging.runs[key]  # only once written: a failed write leaves it for the page cache
-        self._staging.give(buffer)
+        """Hand a run to the disk thread; its buffer comes back once written."""
+        staging = self._staging
+        _, start, buffer = staging.runs.pop(key)
+        data = buffer[: key[1] - start]
+
+        def job() -> None:
+            try:
+                self._pwrite_run(data, start)
+            finally:
+                staging.give(buffer)
+
+        staging.flusher.submit(job)
+
+    def _pwrite_run(self, data: memoryview, offset: int) -> None:
+        """A direct write; refused (EINVAL), the file leaves direct I/O and writes it through the page
+        cache (the writing thread then writes the pages that wait: _leave_direct_io)."""
+        try:
+            pwrite_all(self.fd, data, offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._refused = True
+            _clear_direct(self.fd)
+            pwrite_all(self.fd, data, offset)
 
     def _write_runs(self) -> None:
         for key in [k for k in self._staging.runs if k[0] == id(self)]:
@@ -205,19 +296,19 @@ class OutputFile:
             position = stop
 
     def _flush_pages(self) -> None:
-        """Write every waiting run, and every waiting page whole: bytes not yet given are zeros, as
-        in the file."""
+        """Write every waiting run, and every waiting page whole (bytes not yet given are zeros, as
+        in the file), and wait until the runs are written."""
         if self._staging is not None:
             self._write_runs()
         for index, (page, _) in sorted(self._pages.items()):
             pwrite_all(self.fd, memoryview(page), index * PAGE)
         self._pages.clear()
+        if self._staging is not None:
+            self._staging.flusher.wait()
 
     def _leave_direct_io(self) -> None:
-        import fcntl
-
-        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
-        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~_O_DIRECT)
+        self._staging.flusher.wait()  # runs already handed over go first (through the page cache if refused)
+        _clear_direct(self.fd)
         self.direct = False
         self._flush_pages()
 
@@ -230,6 +321,8 @@ class OutputFile:
                 except OSError as exc:
                     if exc.errno != errno.EINVAL:
                         raise
+                    self._leave_direct_io()
+                if self.direct and self._refused:
                     self._leave_direct_io()
             os.ftruncate(self.fd, self.size)
             os.fsync(self.fd)
@@ -245,6 +338,10 @@ class OutputFile:
             with self._lock:
                 for key in [k for k in self._staging.runs if k[0] == id(self)]:
                     self._staging.give(self._staging.runs.pop(key)[2])
+            try:
+                self._staging.flusher.wait()  # no write may reach the descriptor after it is closed
+            except Exception:  # noqa: BLE001 - the error being handled is the one that matters
+                pass
         if self.fd is not None:
             try:
                 os.close(self.fd)
