@@ -225,6 +225,8 @@ class TensorEvaluator:
         that computes the root hands every input's values to the reducer's loops as it computes
         them (native_regions, taps). l1_ratio(x, keep_random(x)) so reads x's inputs once, not
         twice, and makes one pass, not three. The other inputs must be values of the root's region.
+        After each chunk of the loop, the reducer's `tapped_chunk`, where it has one, gets the
+        root's values of that chunk (a top-k select notes the first chunk's entries then).
         The root is kept whole when it fits the budget, as keep_inputs would, except with
         keep_loads, where its loads are kept instead (shared_loads). False, with nothing done, where
         this does not apply: the reducer has no taps, no input is such a root, or its region is not
@@ -247,6 +249,7 @@ class TensorEvaluator:
         whole = None
         if not self.keep_loads and self.cached_bytes + nbytes <= self.budget:  # else its loads are kept
             whole = torch.empty(self.shape, dtype=torch.float32, device=self.device)
+        after = getattr(reducer, "tapped_chunk", None)
         for r0, r1 in self.chunks():
             part = None if whole is None else whole[r0:r1]
             value = native.rows_of(self, steps, r0, r1, part, taps)
@@ -256,6 +259,8 @@ class TensorEvaluator:
                 value = self.rows_of(root, r0, r1, part)
                 reducer.update(0, *[self._as_tensor(value if a is root else self.rows_of(a, r0, r1), r1 - r0)
                                     for a in inputs])
+            elif after is not None:
+                after(value)
             if part is not None and value is not part:
                 part[...] = value
         if whole is not None:

@@ -82,29 +82,52 @@ def test_keys_order_by_magnitude_then_lower_index():
     assert torch.equal(rank_keys(x.reshape(-1)[3:], 3), keys[3:])
 
 
-def passes(x: torch.Tensor, rank: int, bound: str = "lower") -> int:
+def passes(x: torch.Tensor, rank: int, bound: str = "lower", chunk: int | None = None) -> tuple[int, int]:
+    """(passes over x the select made, the cutoff it found), fed in chunks of `chunk` entries."""
     reducer = select.RankCutoff(KernelContext(), (x.numel(),), rank, bound)
+    step = chunk or x.numel()
     p = 0
     while True:
-        reducer.update(p, x)
+        for s in range(0, x.numel(), step):
+            reducer.update(p, x[s:s + step])
         if reducer.end_pass(p):
-            return p + 1
+            return p + 1, int(reducer.result().item())
         p += 1
 
 
-def test_two_passes_unless_ties_straddle_the_cut_in_a_bin_too_large_to_note(monkeypatch):
+def test_one_pass_when_the_first_chunk_points_to_the_bin(monkeypatch):
     distinct = torch.arange(1.0, 101.0)
-    assert passes(distinct, 30) == 2
+    assert passes(distinct, 30) == (1, kth_largest_key(distinct, 30, chunk=7))
+    assert key_magnitude(passes(distinct, 30)[1]) == 71.0
     ties = torch.tensor([3.0, 1.0, 2.0, 2.0, 2.0, 0.5])
-    # descending: 3, then the three 2s (indices 2, 3, 4, alone in their high bin), then 1 and 0.5
-    for rank, bound in ((4, "lower"), (2, "lower"), (3, "lower"), (2, "upper"), (3, "upper")):
-        assert passes(ties, rank, bound) == 2  # the second pass noted where the three 2s are
+    # descending: 3, then the three 2s (indices 2, 3, 4, alone in their high bin), then 1 and 0.5;
+    # the first pass noted where the three 2s are
+    for rank, bound, index in ((4, "lower", 4), (2, "lower", 2), (3, "lower", 3), (2, "upper", 2), (3, "upper", 3)):
+        count, key = passes(ties, rank, bound)
+        assert count == 1 and key_magnitude(key) == 2.0, (rank, bound)
+        kept = (rank_keys(ties, 0) >= key) if bound == "lower" else (rank_keys(ties, 0) <= key)
+        assert sorted(kept.nonzero().view(-1).tolist()) == sorted(
+            reference_order(ties)[:rank] if bound == "lower" else reference_order(ties)[rank - 1:]), (rank, bound)
+        assert index in kept.nonzero().view(-1).tolist()
+
+
+def test_a_second_pass_when_the_first_chunk_misleads_and_a_third_for_a_bin_too_large_to_note(monkeypatch):
+    # the first chunk's values all lie below the rest: the bin it points to is far from rank 30's
+    skewed = torch.cat([torch.arange(1.0, 51.0), torch.arange(1001.0, 1051.0)])
+    count, key = passes(skewed, 30, chunk=50)
+    assert count == 2 and key == passes(skewed, 30)[1] and key_magnitude(key) == 1021.0
+    ties = torch.tensor([3.0, 1.0, 2.0, 2.0, 2.0, 0.5])
     monkeypatch.setattr(select, "POSITIONS", 2)  # too few places for the bin of the 2s
-    assert passes(ties, 4) == 2  # all three 2s are kept: no scan
-    assert passes(ties, 2) == 3  # one of the three 2s is kept: find its index
-    assert passes(ties, 3) == 3
-    assert passes(ties, 2, "upper") == 2  # rank 2 is the first 2: every 2 is at or below it
-    assert passes(ties, 3, "upper") == 3
+    assert passes(ties, 4)[0] == 2  # all three 2s are kept: no scan
+    assert passes(ties, 2)[0] == 3  # one of the three 2s is kept: find its index
+    assert passes(ties, 3)[0] == 3
+    assert passes(ties, 2, "upper")[0] == 2  # rank 2 is the first 2: every 2 is at or below it
+    assert passes(ties, 3, "upper")[0] == 3
+    for rank, bound in ((4, "lower"), (2, "lower"), (3, "lower"), (2, "upper"), (3, "upper")):
+        monkeypatch.setattr(select, "POSITIONS", 2)
+        narrow = passes(ties, rank, bound)[1]
+        monkeypatch.setattr(select, "POSITIONS", 1 << 20)
+        assert narrow == passes(ties, rank, bound)[1], (rank, bound)
 
 
 def run(graph: Node, x: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:

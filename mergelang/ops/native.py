@@ -64,8 +64,8 @@ def _import():
     except Exception as error:  # not installed, or broken (an LLVM or cache setup error): stay correct
         log.warning("numba could not be loaded (%s): the torch kernels run instead", error)
         return None
-    names = ("select_random", "high_histogram", "low_histogram_positions", "keep_at_least", "disjoint_merge",
-             "nth_equal", "abs_sum_bins")
+    names = ("select_random", "high_histogram", "note_bracket", "low_histogram_positions", "keep_at_least",
+             "disjoint_merge", "nth_equal", "abs_sum_bins")
     return {"np": np, **{name: getattr(native_loops, name) for name in names}}
 
 
@@ -106,6 +106,18 @@ def high_histogram(x: torch.Tensor, hist: torch.Tensor, low_bits: int) -> bool:
         return False
     np = loops["np"]
     loops["high_histogram"](_bits(x, np), hist.numpy(), np.uint32(low_bits))
+    return True
+
+
+def note_bracket(x: torch.Tensor, state: torch.Tensor, positions: torch.Tensor, bits: torch.Tensor,
+                 low_bits: int) -> bool:
+    """native_loops.note_bracket over x (state, positions, bits: int64 CPU tensors); False where this
+    loop does not apply (nothing noted)."""
+    loops = _loops() if _fits(x) else None
+    if loops is None:
+        return False
+    np = loops["np"]
+    loops["note_bracket"](_bits(x, np), state.numpy(), positions.numpy(), bits.numpy(), np.uint32(low_bits))
     return True
 
 

@@ -10,10 +10,12 @@ integer that orders like the value). A larger key ranks first, so "the top k ent
 exactly "key >= the key of the k-th entry": a single 0-d int64 statistic (a *cutoff*) that
 every chunk can compare against. Tensors of up to 2**32 entries are supported.
 
-The k-th entry is found in two or three passes over the chunks:
+The k-th entry is found in one to three passes over the chunks:
 
 1. a histogram (torch.bincount) of the top 16 of the 31 magnitude bits locates the bin that
-   holds rank k, and how many larger magnitudes lie above it;
+   holds rank k, and how many larger magnitudes lie above it. The pass also notes the place and
+   bits of every entry of the bins around the one the first chunk's histogram points to
+   (`RankCutoff._bracket`); when the chosen bin is among them, the notes stand in for pass 2;
 2. a histogram of the low 15 bits of the entries in that bin gives the exact magnitude t of
    rank k — the value `torch.kthvalue` returns for the matching ascending rank — and how many
    of the entries equal to t rank before it;
@@ -22,9 +24,9 @@ The k-th entry is found in two or three passes over the chunks:
    POSITIONS of them), so that index is usually known then; only a larger bin takes a third pass,
    a scan.
 
-Memory is two fixed histograms; work is O(n). So exactly k entries are kept, as in mergekit,
-whose choice among equal magnitudes follows an unstable sort; here the lower index wins, so the
-result does not depend on the device, the chunk size or the sort implementation. -0.0 and +0.0
+Memory is two fixed histograms and up to POSITIONS notes; work is O(n). So exactly k entries are
+kept, as in mergekit, whose choice among equal magnitudes follows an unstable sort; here the lower
+index wins, so the result does not depend on the device, the chunk size or the sort implementation. -0.0 and +0.0
 are the same magnitude; a NaN counts as larger than +inf.
 """
 
@@ -41,6 +43,7 @@ HIGH_BITS = 16  # bins of the first pass: 2**16
 LOW_BITS = 15  # bins of the second pass: 2**15 (31 magnitude bits in all)
 INDEX_BITS = 32
 _INDEX_MASK = (1 << INDEX_BITS) - 1
+_LOW_MASK = (1 << LOW_BITS) - 1
 MAX_ENTRIES = 1 << INDEX_BITS
 KEEP_ALL = 0  # a cutoff below every key
 KEEP_NONE = (1 << 63) - 1  # a cutoff above every key
@@ -97,6 +100,24 @@ def add_low_histogram_positions(hist: torch.Tensor, x: torch.Tensor, high: int, 
     positions[count:count + room] = index[:room].cpu() + first
     lows[count:count + room] = low[:room].cpu()
     return count + index.numel()
+
+
+def note_bracket(x: torch.Tensor, state: torch.Tensor, positions: torch.Tensor, bits: torch.Tensor) -> None:
+    """native_loops.note_bracket: the flat index and magnitude bits of x's entries whose high bin lies
+    in the bracket of `state` (int64 [noted, next index, lowest bin, highest bin]), written into
+    positions and bits (CPU int64 buffers of one length) while they have room; the count and next
+    index advanced."""
+    if native.note_bracket(x, state, positions, bits, LOW_BITS):
+        return
+    noted, first, lowest, highest = (int(v) for v in state)
+    m = magnitude_bits(x)
+    high = m >> LOW_BITS
+    index = torch.nonzero((high >= lowest) & (high <= highest)).flatten()
+    room = max(0, min(index.numel(), positions.numel() - noted))
+    positions[noted:noted + room] = index[:room].cpu() + first
+    bits[noted:noted + room] = m[index[:room]].cpu()
+    state[0] = noted + index.numel()
+    state[1] = first + x.numel()
 
 
 def rank_keys(x: torch.Tensor, start: int) -> torch.Tensor:
@@ -197,6 +218,11 @@ class RankCutoff:
         # buffers), so that the entry that splits a run of equal magnitudes is found without a third.
         self.positions = self.lows = None
         self.in_bin = 0
+        # The first pass notes the entries of a bracket of high bins around the one the first chunk
+        # points to (see _bracket); when the chosen bin is among them there is no second pass.
+        # native_loops' NOTED, NEXT, LOWEST, HIGHEST; until the bracket is known, one bin past the last
+        self.state = torch.tensor([0, 0, 1 << HIGH_BITS, 1 << HIGH_BITS], dtype=torch.int64)
+        self.bracketed = False
 
     def update(self, pass_: int, x: torch.Tensor) -> None:
         if self.rank is None or x.numel() == 0:
@@ -206,11 +232,12 @@ class RankCutoff:
             return  # found in an earlier chunk
         if pass_ == 0:
             add_high_histogram(self.hist, x)
+            if not self.bracketed:
+                self._bracket(x.numel())
+            self._buffers()
+            note_bracket(x, self.state, self.positions, self.lows)
         elif pass_ == 1:
-            if self.positions is None:
-                room = min(self.n, POSITIONS)
-                self.positions = torch.empty(room, dtype=torch.int64)
-                self.lows = torch.empty(room, dtype=torch.int64)
+            self._buffers()
             self.in_bin = add_low_histogram_positions(self.hist, x, self.high, start, self.positions, self.lows,
                                                       self.in_bin)
         else:
@@ -225,11 +252,40 @@ class RankCutoff:
             self.tie -= count
             self.pass_complete = self.tie <= 0
 
+    def _buffers(self) -> None:
+        if self.positions is None:
+            room = min(self.n, POSITIONS)
+            self.positions = torch.empty(room, dtype=torch.int64)
+            self.lows = torch.empty(room, dtype=torch.int64)
+
+    def _bracket(self, count: int) -> None:
+        """The bracket of the first pass, from the histogram of its first `count` entries: the bins of
+        the ranks within 0.2% of that chunk's share of `rank`. On the benchmark family a chunk of a
+        million entries points to the very bin the whole tensor's histogram chooses; where the
+        tensor's other rows differ, the chosen bin may fall outside the bracket (or the notes
+        outgrow POSITIONS), and the second pass runs as before."""
+        share = min(count, max(1, round(self.rank * count / self.n)))
+        spread = count // 512 + 1
+        self.state[2] = _pick(self.hist, min(count, share + spread))[0]  # LOWEST: the smaller magnitudes
+        self.state[3] = _pick(self.hist, max(1, share - spread))[0]  # HIGHEST
+        self.bracketed = True
+
     def taps(self, pass_: int) -> list | None:
-        """Pass 0 is the high histogram, which a native region's loop may add to (native_regions)."""
+        """Pass 0 is the high histogram, with the entries of the bracket noted, which a native
+        region's loop may do (native_regions); the first chunk notes its entries afterwards
+        (tapped_chunk), once the bracket is known."""
         if pass_ != 0 or self.rank is None:
             return None
-        return [("high_histogram", (self.hist,), (LOW_BITS,))]
+        self._buffers()
+        return [("high_histogram_noting", (self.hist, self.state, self.positions, self.lows), (LOW_BITS,))]
+
+    def tapped_chunk(self, x: torch.Tensor) -> None:
+        """After a native loop's chunk of pass 0, its values x: the first one sets the bracket and
+        notes its entries (the loop noted none)."""
+        if not self.bracketed:
+            self._bracket(x.numel())
+            self.state[1] -= x.numel()  # NEXT: back to the chunk's first entry
+            note_bracket(x, self.state, self.positions, self.lows)
 
     def end_pass(self, pass_: int) -> bool:
         if self.rank is None or self.n == 0:
@@ -237,6 +293,15 @@ class RankCutoff:
         self.seen = 0
         if pass_ == 0:
             self.high, self.rank_in_bin = _pick(self.hist, self.rank)
+            noted, lowest, highest = (int(v) for v in self.state[[0, 2, 3]])
+            if lowest <= self.high <= highest and noted <= self.positions.numel():
+                # every entry of the chosen bin was noted, in index order: the second pass's results
+                bits = self.lows[:noted]
+                chosen = (bits >> LOW_BITS) == self.high
+                self.positions, self.lows = self.positions[:noted][chosen], bits[chosen] & _LOW_MASK
+                self.in_bin = self.positions.numel()
+                self.hist = torch.bincount(self.lows, minlength=1 << LOW_BITS).to(self.device)
+                return self.end_pass(1)
             self.hist = torch.zeros(1 << LOW_BITS, dtype=torch.int64, device=self.device)
             return False
         if pass_ == 1:
