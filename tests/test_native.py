@@ -3,6 +3,8 @@ and the same output files for whole merges."""
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -227,3 +229,23 @@ def test_merges_are_byte_identical_with_and_without_the_loops(family, tmp_path, 
         run(spec, tmp_path / env, RunOptions(seed=5, chunk=300))
         outs[env] = digests(tmp_path / env)
     assert calls and outs["1"] == outs["0"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("scipy") is None, reason="scipy is not installed")
+def test_loading_the_loops_does_not_import_scipy_linalg():
+    """numba probes scipy.linalg for a BLAS when its array functions load (0.21 s here); the loops
+    load without it, a loop runs, and scipy.linalg stays importable afterwards."""
+    code = (
+        "import sys, torch\n"
+        "from mergelang.ops import native\n"
+        "loops = native._loops()\n"
+        "assert loops is not None\n"
+        "hist = torch.zeros(1 << 16, dtype=torch.int64)\n"
+        "assert native.high_histogram(torch.ones(1 << 16), hist, 15) and int(hist.sum()) == 1 << 16\n"
+        "print(sorted(m for m in sys.modules if m.startswith('scipy.linalg')))\n"
+        "import scipy.linalg.cython_blas\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(mergelang.ops.__file__).parents[2])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
