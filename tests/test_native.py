@@ -92,7 +92,7 @@ def test_histograms_match_torch(seed):
 @pytest.mark.parametrize("room", [1 << 20, 100])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_low_histogram_with_positions_matches_torch(monkeypatch, seed, room):
-    """The second pass's histogram, count, and noted places and low bits, native and torch, with
+    """The second pass's histogram, count, and noted places and magnitude bits, native and torch, with
     room for the whole bin and with too little (the count goes on, the buffers stop)."""
     x = awkward(seed=seed)
     for high in (int(S.magnitude_bits(x)[6]) >> S.LOW_BITS, int(S.magnitude_bits(x)[100]) >> S.LOW_BITS, 0):
@@ -112,7 +112,7 @@ def test_low_histogram_with_positions_matches_torch(monkeypatch, seed, room):
         noted = min(room, c1) - 3
         in_bin = torch.nonzero((S.magnitude_bits(x) >> S.LOW_BITS) == high).flatten()
         assert torch.equal(p1[3:3 + noted], in_bin[:noted])
-        assert torch.equal(l1[3:3 + noted], S.magnitude_bits(x)[in_bin[:noted]].long() & ((1 << S.LOW_BITS) - 1))
+        assert torch.equal(l1[3:3 + noted], S.magnitude_bits(x)[in_bin[:noted]].long())
 
 
 @pytest.mark.parametrize("rank", [1, 1000, N // 2, N - 1])
@@ -249,3 +249,25 @@ def test_loading_the_loops_does_not_import_scipy_linalg():
                           cwd=Path(mergelang.ops.__file__).parents[2])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("bound", ["lower", "upper"])
+def test_the_first_passs_notes_give_the_torch_cutoff(monkeypatch, bound):
+    """A selection whose first pass notes more entries than MIN_ELEMENTS (five values, each shared
+    by a fifth of the entries), read back by the native loops and by torch: the same cutoff, where
+    the first pass was enough."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-2, 3, (8 * native.MIN_ELEMENTS + 5,), generator=g).float() * 0.001
+    n = x.numel()
+    for rank in (n // 3, n // 2 + 1, n - 7):
+        keys = []
+        for env in ("1", "0"):
+            monkeypatch.setenv(native.ENV, env)
+            reducer = S.RankCutoff(KernelContext(), (n,), rank, bound)
+            for s in range(0, n, 2 * native.MIN_ELEMENTS):
+                reducer.update(0, x[s:s + 2 * native.MIN_ELEMENTS])
+            assert reducer.end_pass(0), "the first chunk's bin is the chosen one"
+            assert reducer.noted >= native.MIN_ELEMENTS  # the notes went through the native loops
+            keys.append(int(reducer.result()))
+        monkeypatch.setenv(native.ENV, "0")
+        assert keys[0] == keys[1] == S.kth_largest_key(x, rank, bound), (rank, bound)

@@ -86,8 +86,8 @@ def _import():
     except Exception as error:  # not installed, or broken (an LLVM or cache setup error): stay correct
         log.warning("numba could not be loaded (%s): the torch kernels run instead", error)
         return None
-    names = ("select_random", "high_histogram", "note_bracket", "low_histogram_positions", "keep_at_least",
-             "disjoint_merge", "nth_equal", "abs_sum_bins")
+    names = ("select_random", "high_histogram", "note_bracket", "low_histogram_positions", "noted_low_histogram",
+             "nth_noted", "keep_at_least", "disjoint_merge", "nth_equal", "abs_sum_bins")
     return {"np": np, **{name: getattr(native_loops, name) for name in names}}
 
 
@@ -144,18 +144,36 @@ def note_bracket(x: torch.Tensor, state: torch.Tensor, positions: torch.Tensor, 
 
 
 def low_histogram_positions(x: torch.Tensor, hist: torch.Tensor, high: int, low_bits: int, first: int,
-                            positions: torch.Tensor, lows: torch.Tensor, count: int) -> int | None:
+                            positions: torch.Tensor, bits: torch.Tensor, count: int) -> int | None:
     """hist += the histogram of the low `low_bits` magnitude bits of the entries of x whose high bits
-    are `high`, also writing the flat index (first + j) and the low bits of each entry it counts into
-    positions and lows (int64) from `count` on, while they have room (none: empty buffers); returns
-    count plus the entries counted, or None where this loop does not apply (nothing added)."""
+    are `high`, also writing the flat index (first + j) and the magnitude bits of each entry it
+    counts into positions and bits (int64) from `count` on, while they have room (none: empty
+    buffers); returns count plus the entries counted, or None where this loop does not apply
+    (nothing added)."""
     loops = _loops() if _fits(x) and hist.dtype == torch.int64 and hist.is_contiguous() else None
     if loops is None:
         return None
     np = loops["np"]
     return int(loops["low_histogram_positions"](_bits(x, np), hist.numpy(), np.uint32(high), np.uint32(low_bits),
                                                 np.uint32((1 << low_bits) - 1), first, positions.numpy(),
-                                                lows.numpy(), count))
+                                                bits.numpy(), count))
+
+
+def noted_low_histogram(bits: torch.Tensor, count: int, high: int, low_bits: int, hist: torch.Tensor) -> int | None:
+    """native_loops.noted_low_histogram over CPU int64 notes into hist (int64 CPU); None where this
+    loop does not apply (nothing added)."""
+    loops = _loops() if count >= MIN_ELEMENTS else None
+    if loops is None:
+        return None
+    return int(loops["noted_low_histogram"](bits.numpy(), count, high, low_bits, (1 << low_bits) - 1, hist.numpy()))
+
+
+def nth_noted(bits: torch.Tensor, positions: torch.Tensor, count: int, target: int, n: int) -> int | None:
+    """native_loops.nth_noted over CPU int64 notes; None where this loop does not apply."""
+    loops = _loops() if count >= MIN_ELEMENTS else None
+    if loops is None:
+        return None
+    return int(loops["nth_noted"](bits.numpy(), positions.numpy(), count, target, n))
 
 
 def nth_equal(x: torch.Tensor, t: int, n: int) -> tuple[int, int] | None:

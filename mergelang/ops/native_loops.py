@@ -105,21 +105,44 @@ def high_histogram_noting(xbits, hist, state, positions, bits, shift):
 
 
 @jit
-def low_histogram_positions(xbits, hist, high, shift, low_mask, first, positions, lows, count):
+def low_histogram_positions(xbits, hist, high, shift, low_mask, first, positions, bits, count):
     """hist[magnitude bits & low_mask] += 1 for the entries whose magnitude bits >> shift are `high`,
-    and the flat index (first + j) and low bits of each of them written at positions[count],
-    lows[count] onwards while they have room. Returns count + the entries counted."""
+    and the flat index (first + j) and magnitude bits of each of them written at positions[count],
+    bits[count] onwards while they have room. Returns count + the entries counted."""
     cap = positions.shape[0]
     for j in range(xbits.shape[0]):
         b = xbits[j] & ABS
         if (b >> shift) == high:
-            low = b & low_mask
-            hist[low] += 1
+            hist[b & low_mask] += 1
             if count < cap:
                 positions[count] = first + j
-                lows[count] = low
+                bits[count] = b
             count += 1
     return count
+
+
+@jit
+def noted_low_histogram(bits, count, high, shift, low_mask, hist):
+    """hist[b & low_mask] += 1 for each of the first `count` noted magnitude bits b whose bin
+    (b >> shift) is `high`; returns how many there are."""
+    k = 0
+    for j in range(count):
+        b = bits[j]
+        if (b >> shift) == high:
+            hist[b & low_mask] += 1
+            k += 1
+    return k
+
+
+@jit
+def nth_noted(bits, positions, count, target, n):
+    """positions[j] of the n-th j < count (1-based) whose noted magnitude bits are `target`, or -1."""
+    for j in range(count):
+        if bits[j] == target:
+            n -= 1
+            if n == 0:
+                return positions[j]
+    return -1
 
 
 @jit

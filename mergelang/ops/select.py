@@ -85,21 +85,42 @@ def add_low_histogram(hist: torch.Tensor, x: torch.Tensor, high: int) -> None:
 
 
 def add_low_histogram_positions(hist: torch.Tensor, x: torch.Tensor, high: int, first: int,
-                                positions: torch.Tensor, lows: torch.Tensor, count: int) -> int:
-    """add_low_histogram, and the flat index (first + j) and low bits of the entries of the bin
-    `high` written into positions and lows from `count` on, while they have room (CPU int64 buffers
-    of one length); returns count plus the entries of the bin in x."""
-    done = native.low_histogram_positions(x, hist, high, LOW_BITS, first, positions, lows, count)
+                                positions: torch.Tensor, bits: torch.Tensor, count: int) -> int:
+    """add_low_histogram, and the flat index (first + j) and magnitude bits of the entries of the
+    bin `high` written into positions and bits from `count` on, while they have room (CPU int64
+    buffers of one length); returns count plus the entries of the bin in x."""
+    done = native.low_histogram_positions(x, hist, high, LOW_BITS, first, positions, bits, count)
     if done is not None:
         return done
-    bits = magnitude_bits(x)
-    index = torch.nonzero((bits >> LOW_BITS) == high).flatten()
-    low = bits[index].to(torch.int64) & ((1 << LOW_BITS) - 1)
-    hist += torch.bincount(low, minlength=1 << LOW_BITS)
+    m = magnitude_bits(x)
+    index = torch.nonzero((m >> LOW_BITS) == high).flatten()
+    found = m[index].to(torch.int64)
+    hist += torch.bincount(found & _LOW_MASK, minlength=1 << LOW_BITS)
     room = max(0, min(index.numel(), positions.numel() - count))
     positions[count:count + room] = index[:room].cpu() + first
-    lows[count:count + room] = low[:room].cpu()
+    bits[count:count + room] = found[:room].cpu()
     return count + index.numel()
+
+
+def noted_low_histogram(bits: torch.Tensor, count: int, high: int) -> tuple[torch.Tensor, int]:
+    """The low-bits histogram of the first `count` noted magnitude bits whose bin is `high`, and how
+    many there are."""
+    hist = torch.zeros(1 << LOW_BITS, dtype=torch.int64)
+    found = native.noted_low_histogram(bits, count, high, LOW_BITS, hist)
+    if found is None:
+        noted = bits[:count]
+        hist = torch.bincount(noted[(noted >> LOW_BITS) == high] & _LOW_MASK, minlength=1 << LOW_BITS)
+        found = int(hist.sum())
+    return hist, found
+
+
+def nth_noted(bits: torch.Tensor, positions: torch.Tensor, count: int, target: int, n: int) -> int:
+    """The noted flat index of the n-th (1-based, in index order) of the first `count` notes whose
+    magnitude bits are `target`; there are at least n."""
+    found = native.nth_noted(bits, positions, count, target, n)
+    if found is None:
+        found = int(positions[:count][bits[:count] == target][n - 1])
+    return found
 
 
 def note_bracket(x: torch.Tensor, state: torch.Tensor, positions: torch.Tensor, bits: torch.Tensor) -> None:
@@ -214,12 +235,14 @@ class RankCutoff:
         self.high = self.rank_in_bin = self.bits = self.tie = 0
         self.seen = 0  # entries seen so far in this pass
         self.pass_complete = False  # the executor may skip the rest of the chunks of this pass
-        # The second pass notes where the entries of the chosen high bin are (when they fit these
-        # buffers), so that the entry that splits a run of equal magnitudes is found without a third.
-        self.positions = self.lows = None
-        self.in_bin = 0
-        # The first pass notes the entries of a bracket of high bins around the one the first chunk
-        # points to (see _bracket); when the chosen bin is among them there is no second pass.
+        # The second pass notes the places and magnitude bits of the entries of the chosen high bin
+        # (while they fit these buffers), so that the entry that splits a run of equal magnitudes is
+        # found without a third. The first pass notes those of a bracket of high bins around the
+        # one the first chunk points to (see _bracket); when the chosen bin is among them there is
+        # no second pass. `noted`: how many entries the notes hold (all of the chosen bin's when
+        # in_bin <= the room).
+        self.positions = self.magnitudes = None
+        self.in_bin = self.noted = 0
         # native_loops' NOTED, NEXT, LOWEST, HIGHEST; until the bracket is known, one bin past the last
         self.state = torch.tensor([0, 0, 1 << HIGH_BITS, 1 << HIGH_BITS], dtype=torch.int64)
         self.bracketed = False
@@ -235,11 +258,11 @@ class RankCutoff:
             if not self.bracketed:
                 self._bracket(x.numel())
             self._buffers()
-            note_bracket(x, self.state, self.positions, self.lows)
+            note_bracket(x, self.state, self.positions, self.magnitudes)
         elif pass_ == 1:
             self._buffers()
-            self.in_bin = add_low_histogram_positions(self.hist, x, self.high, start, self.positions, self.lows,
-                                                      self.in_bin)
+            self.in_bin = add_low_histogram_positions(self.hist, x, self.high, start, self.positions,
+                                                      self.magnitudes, self.in_bin)
         else:
             found = native.nth_equal(x, self.bits, self.tie)
             if found is None:
@@ -256,7 +279,7 @@ class RankCutoff:
         if self.positions is None:
             room = min(self.n, POSITIONS)
             self.positions = torch.empty(room, dtype=torch.int64)
-            self.lows = torch.empty(room, dtype=torch.int64)
+            self.magnitudes = torch.empty(room, dtype=torch.int64)
 
     def _bracket(self, count: int) -> None:
         """The bracket of the first pass, from the histogram of its first `count` entries: the bins of
@@ -277,7 +300,7 @@ class RankCutoff:
         if pass_ != 0 or self.rank is None:
             return None
         self._buffers()
-        return [("high_histogram_noting", (self.hist, self.state, self.positions, self.lows), (LOW_BITS,))]
+        return [("high_histogram_noting", (self.hist, self.state, self.positions, self.magnitudes), (LOW_BITS,))]
 
     def tapped_chunk(self, x: torch.Tensor) -> None:
         """After a native loop's chunk of pass 0, its values x: the first one sets the bracket and
@@ -285,7 +308,7 @@ class RankCutoff:
         if not self.bracketed:
             self._bracket(x.numel())
             self.state[1] -= x.numel()  # NEXT: back to the chunk's first entry
-            note_bracket(x, self.state, self.positions, self.lows)
+            note_bracket(x, self.state, self.positions, self.magnitudes)
 
     def end_pass(self, pass_: int) -> bool:
         if self.rank is None or self.n == 0:
@@ -296,11 +319,9 @@ class RankCutoff:
             noted, lowest, highest = (int(v) for v in self.state[[0, 2, 3]])
             if lowest <= self.high <= highest and noted <= self.positions.numel():
                 # every entry of the chosen bin was noted, in index order: the second pass's results
-                bits = self.lows[:noted]
-                chosen = (bits >> LOW_BITS) == self.high
-                self.positions, self.lows = self.positions[:noted][chosen], bits[chosen] & _LOW_MASK
-                self.in_bin = self.positions.numel()
-                self.hist = torch.bincount(self.lows, minlength=1 << LOW_BITS).to(self.device)
+                self.noted = noted
+                hist, self.in_bin = noted_low_histogram(self.magnitudes, noted, self.high)
+                self.hist = hist.to(self.device)
                 return self.end_pass(1)
             self.hist = torch.zeros(1 << LOW_BITS, dtype=torch.int64, device=self.device)
             return False
@@ -309,7 +330,7 @@ class RankCutoff:
             ties = int(self.hist[low].item())
             self.bits = (self.high << LOW_BITS) | low
             self.hist = None
-            positions, lows, self.positions, self.lows = self.positions, self.lows, None, None
+            positions, magnitudes, self.positions, self.magnitudes = self.positions, self.magnitudes, None, None
             if self.bound == "lower" and self.tie == ties:  # every entry equal to t is kept
                 self.key = self.bits << INDEX_BITS
                 return True
@@ -317,8 +338,8 @@ class RankCutoff:
                 self.key = (self.bits << INDEX_BITS) | _INDEX_MASK
                 return True
             if self.in_bin <= positions.numel():  # every entry of the bin was noted: no third pass
-                noted = positions[: self.in_bin][lows[: self.in_bin] == low]  # in index order
-                self.key = (self.bits << INDEX_BITS) | (_INDEX_MASK - int(noted[self.tie - 1]))
+                index = nth_noted(magnitudes, positions, self.noted or self.in_bin, self.bits, self.tie)
+                self.key = (self.bits << INDEX_BITS) | (_INDEX_MASK - index)
                 return True
             return False
         return True
