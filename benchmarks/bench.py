@@ -18,8 +18,10 @@ resident set size; wall time is measured around the process. Before any timing, 
 read once (untimed) so that all runs find the inputs in the page cache; before each run, untimed,
 `sync` writes back what the runs before it left dirty (mergekit does not fsync its output: the
 kernel wrote it back during the next run) and the merge's inputs are read again. The floor is what the machine
-needs at least for that merge: reading each of its inputs once from the page cache, and writing and
-fsyncing one model-sized file, through the page cache or with O_DIRECT, whichever is faster.
+needs at least for that merge: reading each of its inputs once from the page cache (each read timed
+right after an untimed one, as the tools' inputs are read before each run: the kernel here drops
+cached pages left idle, and a cold read took 2-4 times as long), and writing and fsyncing one
+model-sized file, through the page cache or with O_DIRECT, whichever is faster.
 """
 
 from __future__ import annotations
@@ -344,6 +346,7 @@ def measure_floor(root: Path, workdir: Path, runs: int) -> Floor:
     size = model_bytes(root / "base")
     for _ in range(runs):
         for m in MODELS:
+            read_files(weight_files(root / m), buffer)  # untimed first, as before each tool's run
             reads[m].append(read_files(weight_files(root / m), buffer))
         writes.append(write_file(workdir / "floor-write.bin", size, buffer))
         nosync.append(write_file(workdir / "floor-write.bin", size, buffer, fsync=False))
@@ -689,7 +692,8 @@ def report(args, shape, size, warm_bytes, warm_s, floor, results, depth_rows, wo
     reads = ", ".join(f"{m} {floor.read_s[m]:.2f} s" for m in MODELS)
     direct = (f"{floor.write_direct_s:.2f} s with O_DIRECT, " if floor.write_direct_s is not None
               else "O_DIRECT refused here, ")
-    print(f"Floor = reading each input of the merge once from the page cache ({reads}; "
+    print(f"Floor = reading each input of the merge once from the page cache, right after an untimed "
+          f"read of it as before each tool's run ({reads}; "
           f"{READ_BUFFER_BYTES >> 20} MiB reads into one buffer) + writing and fsyncing one "
           f"{size / GB:.3f} GB file, the faster way ({direct}{floor.write_s:.2f} s through the page cache; "
           f"{floor.write_nosync_s:.2f} s to write it into the page cache without fsync); medians of "

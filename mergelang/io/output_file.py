@@ -8,8 +8,9 @@ memory instead. O_DIRECT wants page-aligned memory, offsets and lengths, while t
 byte: so the whole pages inside a write are copied into aligned staging memory, gathered into runs
 of up to 4 MB while writes follow one another (Staging), and written a run at a time, on a thread
 of their own so that the disk works while the next run fills; the bytes at either end, which share
-a page with data not yet written, wait in a page buffer until that page is full. The file's last page is written whole and the file cut back to its size
-when it is closed. Each byte must be written once (the writer writes each element once).
+a page with data not yet written, wait in a page buffer until that page is full. The file's last
+page is written whole and the file cut back to its size when it is closed. Each byte must be
+written once (the writer writes each element once).
 
 Where the file system refuses O_DIRECT, at open or at a write, the file goes through the page cache,
 handed to the disk in steps while the merge runs. MERGELANG_DIRECT_IO=0 asks for that too.
@@ -150,7 +151,7 @@ class Flusher:
                 self._busy = True
             try:
                 job()
-            except BaseException as error:
+            except BaseException as error:  # the writer is aborted: what waits is not written
                 with self._cond:
                     self._error = error
                     self._jobs.clear()
