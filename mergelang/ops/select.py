@@ -26,8 +26,8 @@ The k-th entry is found in one to three passes over the chunks:
 
 Memory is two fixed histograms and up to POSITIONS notes; work is O(n). So exactly k entries are
 kept, as in mergekit, whose choice among equal magnitudes follows an unstable sort; here the lower
-index wins, so the result does not depend on the device, the chunk size or the sort implementation. -0.0 and +0.0
-are the same magnitude; a NaN counts as larger than +inf.
+index wins, so the result does not depend on the device, the chunk size or the sort
+implementation. -0.0 and +0.0 are the same magnitude; a NaN counts as larger than +inf.
 """
 
 from __future__ import annotations
