@@ -68,15 +68,18 @@ NOTED, NEXT, LOWEST, HIGHEST = 0, 1, 2, 3
 
 
 @jit
-def note_bracket(xbits, state, positions, bits, shift):
-    """For each entry whose bin (magnitude bits >> shift) lies in the bracket of `state`: its flat
-    index (state[NEXT] + j) and magnitude bits written at positions[state[NOTED]], bits[state[NOTED]]
-    while they have room. state[NOTED] counts them all; state[NEXT] moves past xbits."""
+def _noting(xbits, hist, state, positions, bits, shift, count_bins):
+    """note_bracket, and high_histogram too where count_bins. One loop for both: noting inside the
+    histogram's loop costs 0.12 ns per entry more than the histogram alone (0.8 ns), where a loop of
+    its own costs 0.9 ns (neither vectorizes)."""
     lowest, width = np.uint32(state[LOWEST]), np.uint32(state[HIGHEST] - state[LOWEST])
     count, first, cap = state[NOTED], state[NEXT], positions.shape[0]
     for j in range(xbits.shape[0]):
         b = xbits[j] & ABS
-        if np.uint32((b >> shift) - lowest) <= width:  # lowest <= bin <= highest
+        h = b >> shift
+        if count_bins:
+            hist[h] += 1
+        if np.uint32(h - lowest) <= width:  # lowest <= bin <= highest
             if count < cap:
                 positions[count] = first + j
                 bits[count] = b
@@ -86,22 +89,17 @@ def note_bracket(xbits, state, positions, bits, shift):
 
 
 @jit
+def note_bracket(xbits, state, positions, bits, shift):
+    """For each entry whose bin (magnitude bits >> shift) lies in the bracket of `state`: its flat
+    index (state[NEXT] + j) and magnitude bits written at positions[state[NOTED]], bits[state[NOTED]]
+    while they have room. state[NOTED] counts them all; state[NEXT] moves past xbits."""
+    _noting(xbits, state, state, positions, bits, shift, False)  # no histogram: `state` stands in
+
+
+@jit
 def high_histogram_noting(xbits, hist, state, positions, bits, shift):
-    """high_histogram and note_bracket in one loop: noting so costs 0.12 ns per entry more than the
-    histogram alone (0.8 ns), where a loop of its own costs 0.9 ns (it does not vectorize either)."""
-    lowest, width = np.uint32(state[LOWEST]), np.uint32(state[HIGHEST] - state[LOWEST])
-    count, first, cap = state[NOTED], state[NEXT], positions.shape[0]
-    for j in range(xbits.shape[0]):
-        b = xbits[j] & ABS
-        h = b >> shift
-        hist[h] += 1
-        if np.uint32(h - lowest) <= width:
-            if count < cap:
-                positions[count] = first + j
-                bits[count] = b
-            count += 1
-    state[NOTED] = count
-    state[NEXT] = first + xbits.shape[0]
+    """high_histogram and note_bracket over the same entries, in one loop."""
+    _noting(xbits, hist, state, positions, bits, shift, True)
 
 
 @jit
