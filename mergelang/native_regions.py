@@ -216,7 +216,7 @@ def _generate(steps: tuple[Step, ...], kinds: tuple[str, ...], taps: tuple = (),
     return source, random_steps
 
 
-TAP_LOOPS = ("abs_sum_bins", "high_histogram", "high_histogram_noting")  # the loops of native_loops a tap may call
+TAP_LOOPS = ("abs_sum_bins", "high_histogram_noting")  # the loops of native_loops a tap may call
 TAP_BLOCK = 2048  # entries per block of a tapped loop: its block buffers stay in the L1 cache
 
 

@@ -94,8 +94,6 @@ def count_reads(monkeypatch) -> Counter:
 def test_workers_read_an_input_that_several_regions_share_once(family, tmp_path, monkeypatch):
     """ties reads base for every fine-tune's delta and again for the output: side by side, each
     worker keeps it whole (as stored) and reads it once per tensor; the bytes stay those of -j 1."""
-    from collections import Counter
-
     from conftest import write_spec
     from mergelang.api import RunOptions, run
     from mergelang.io import Checkpoint
@@ -131,9 +129,8 @@ def test_tapped_reductions_keep_their_loads_and_read_each_input_once(family, tmp
     from mergelang.api import RunOptions, run
     from mergelang.execute import TensorEvaluator
     from mergelang.io import Checkpoint
-    from mergelang.ops import OPS, native
-
     from mergelang.native_regions import NativeRegions
+    from mergelang.ops import OPS, native
 
     monkeypatch.setattr(native, "MIN_ELEMENTS", 1)
     monkeypatch.setenv("MERGELANG_CACHE_DIR", str(tmp_path / "cache"))
