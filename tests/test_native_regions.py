@@ -291,6 +291,31 @@ def test_nan_and_signed_zero_bits_survive_a_loop():
     assert got.view(-1)[0].view(torch.int32).item() == -(2**31)  # the first -0.0, kept as it is
 
 
+@pytest.mark.parametrize("density", [0.5, 0.3])
+def test_keep_top_takes_the_fast_loop_except_in_the_chunk_of_the_cutoff(density):
+    """Magnitudes from four values only: every chunk holds entries equal to the cutoff's magnitude t,
+    those before the cutoff's own entry kept, those after it dropped. Chunks wholly on one side take
+    the loop that compares 32-bit magnitudes with one bound; the chunk holding that entry, the loop
+    that also compares places. Both give the eager bits, for any chunking."""
+    g = torch.Generator().manual_seed(3)
+    levels = torch.tensor([0.25, -0.5, 0.5, -1.0, 1.0, 2.0])
+    a = levels[torch.randint(0, 6, (40, 9), generator=g)]
+    data = {"a": a, "b": torch.zeros(40, 9, dtype=torch.bfloat16)}
+    da = Node("sub", [L("a"), L("b")])
+    graph = Node("keep_top", [da, Node("topk_cutoff", [da, const(density)])])
+    expected = evaluate(graph, (40, 9), data, 360)
+    kept = expected != 0
+    assert kept.sum() == int(density * 360)
+    t = expected.abs()[kept].min()
+    assert ((a.abs() == t) & ~kept).any()  # the run of t is split: some kept, some not
+    for chunk in (360, 45, 18, 9):
+        fuser = native_fuser()
+        assert same_bits(evaluate(graph, (40, 9), data, chunk, fuser), expected), chunk
+        (steps, kinds, taps, out), = [key for key, loop in fuser.native._loops.items() if loop and not key[2]]
+        source, _ = native_regions._generate(steps, kinds, taps, out)
+        assert "if fast" in source and "m2 >= u2" in source
+
+
 def test_a_region_another_thread_is_building_runs_eagerly_meanwhile():
     data = _data((7, 5))
     graph = Node("sub", [L("a"), L("b")])
