@@ -240,7 +240,7 @@ def _loop(body: list[str], result: str, out: str, indent: str) -> str:
     return "".join(f"{indent}{line}\n" for line in lines)
 
 
-TAP_LOOPS = ("abs_sum_bins", "high_histogram_noting")  # the loops of native_loops a tap may call
+TAP_LOOPS = ("abs_sum_bins", "bracket_pass")  # the loops of native_loops a tap may call
 TAP_BLOCK = 2048  # entries per block of a tapped loop: its block buffers stay in the L1 cache
 
 

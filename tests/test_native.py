@@ -251,6 +251,48 @@ def test_loading_the_loops_does_not_import_scipy_linalg():
     assert done.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize("room", [1 << 20, 5000, 23])
+@pytest.mark.parametrize("bins", [(0, 0), (-9, 9), None])  # around the bin of 0.01; all bins
+def test_counting_and_noting_match_torch(monkeypatch, room, bins):
+    """count_noting, in vector code (16 entries at a time) and one entry at a time, against torch:
+    the entries above the bracket, and the place and bits of those in it while the notes have room
+    (and nothing written past it), continuing the counts and flat indices of the state it is given."""
+    import numpy as np
+
+    from mergelang.ops import native_loops
+
+    x = awkward(seed=6)
+    x[10:40] = 0.01  # a group of 16 wholly in the bracket
+    at = int(S.magnitude_bits(torch.tensor([0.01]))) >> S.LOW_BITS
+    lowest, highest = (0, (1 << 16) - 1) if bins is None else (at + bins[0], at + bins[1])
+    edges = [lowest << S.LOW_BITS, (lowest << S.LOW_BITS) - 1, ((highest + 1) << S.LOW_BITS) - 1,
+             (highest + 1) << S.LOW_BITS]  # the least and greatest bits of the bracket, and their neighbours
+    x[50:54] = torch.tensor([e % (1 << 31) for e in edges], dtype=torch.int32).view(torch.float32)
+    m = S.magnitude_bits(x).long()
+    high = m >> S.LOW_BITS
+    inside = torch.nonzero((high >= lowest) & (high <= highest)).flatten()
+    noted = min(room, 3 + inside.numel()) - 3
+    assert noted > 0 and (noted < inside.numel()) == (room < inside.numel() + 3)
+    ways = ["scalar", "torch"] + (["vector"] if native_loops.VECTOR_NOTES else [])
+    for way in ways:
+        state = torch.tensor([3, 1000, lowest, highest, 7, 1], dtype=torch.int64)
+        positions, magnitudes = (torch.full((room + 64,), -1, dtype=torch.int64) for _ in range(2))
+        if way == "torch":
+            monkeypatch.setenv(native.ENV, "0")
+            S.count_noting(x, state, positions[:room], magnitudes[:room])
+            monkeypatch.delenv(native.ENV)
+        else:
+            loop = native_loops._count_noting_vector if way == "vector" else native_loops._count_noting_scalar
+            loop(x.view(torch.int32).numpy().view(np.uint32), state.numpy(), positions[:room].numpy(),
+                 magnitudes[:room].numpy(), np.uint32(S.LOW_BITS))
+        assert state.tolist() == [3 + inside.numel(), 1000 + x.numel(), lowest, highest,
+                                  7 + int((high > highest).sum()), 1], way
+        assert torch.equal(positions[3:3 + noted], inside[:noted] + 1000), way
+        assert torch.equal(magnitudes[3:3 + noted], m[inside[:noted]]), way
+        assert (positions[:3] == -1).all() and (positions[room:] == -1).all(), way
+        assert (magnitudes[:3] == -1).all() and (magnitudes[room:] == -1).all(), way
+
+
 @pytest.mark.parametrize("bound", ["lower", "upper"])
 def test_the_first_passs_notes_give_the_torch_cutoff(monkeypatch, bound):
     """A selection whose first pass notes more entries than MIN_ELEMENTS (five values, each shared

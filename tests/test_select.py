@@ -111,11 +111,40 @@ def test_one_pass_when_the_first_chunk_points_to_the_bin(monkeypatch):
         assert index in kept.nonzero().view(-1).tolist()
 
 
-def test_a_second_pass_when_the_first_chunk_misleads_and_a_third_for_a_bin_too_large_to_note(monkeypatch):
-    # the first chunk's values all lie below the rest: the bin it points to is far from rank 30's
+def test_one_pass_over_many_chunks_when_rank_k_falls_among_the_notes():
+    """Chunks after the first are counted and noted, not binned: where rank k falls among the noted
+    entries, one pass gives a cutoff that splits a sort of the rank keys at rank k, whether the
+    bracket is one bin or several."""
+    g = torch.Generator().manual_seed(5)
+    block = torch.randn(1000, generator=g) * 0.01
+    x = block.repeat(20) * torch.where(torch.arange(20000) % 3 == 0, -1.0, 1.0)  # each magnitude 20 times
+    ordered = torch.sort(rank_keys(x, 0), descending=True).values
+    for rank in (200, 7000, 10000, 19001):
+        for chunk in (1000, 4000):  # every chunk holds the same magnitudes: the first points right
+            reducer = select.RankCutoff(KernelContext(), (x.numel(),), rank)
+            for s in range(0, x.numel(), chunk):
+                reducer.update(0, x[s:s + chunk])
+            assert int(reducer.state[select.ABOVE]) > 0 or rank < 300
+            assert reducer.end_pass(0), (rank, chunk)
+            assert int(ordered[rank - 1]) >= int(reducer.result()) > int(ordered[rank]), (rank, chunk)
+    # a bracket of several bins: distinct magnitudes spread over many bins, few per bin
+    spread = torch.linspace(1.0, 2.0, 4096)[torch.randperm(4096, generator=g)]
+    reducer = select.RankCutoff(KernelContext(), (4096,), 2048)
+    for s in range(0, 4096, 1024):
+        reducer.update(0, spread[s:s + 1024])
+    lowest, highest = (int(v) for v in reducer.state[[select.LOWEST, select.HIGHEST]])
+    assert highest > lowest
+    assert reducer.end_pass(0)
+    ordered = torch.sort(rank_keys(spread, 0), descending=True).values
+    assert int(ordered[2047]) >= int(reducer.result()) > int(ordered[2048])
+
+
+def test_two_more_passes_when_the_first_chunk_misleads_and_a_third_for_a_bin_too_large_to_note(monkeypatch):
+    # the first chunk's values all lie below the rest: the bracket it points to is far from rank 30's,
+    # and the later chunks were counted, not binned: the high histogram, then the low one
     skewed = torch.cat([torch.arange(1.0, 51.0), torch.arange(1001.0, 1051.0)])
     count, key = passes(skewed, 30, chunk=50)
-    assert count == 2 and key == passes(skewed, 30)[1] and key_magnitude(key) == 1021.0
+    assert count == 3 and key == passes(skewed, 30)[1] and key_magnitude(key) == 1021.0
     ties = torch.tensor([3.0, 1.0, 2.0, 2.0, 2.0, 0.5])
     monkeypatch.setattr(select, "POSITIONS", 2)  # too few places for the bin of the 2s
     assert passes(ties, 4)[0] == 2  # all three 2s are kept: no scan

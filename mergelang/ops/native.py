@@ -86,8 +86,8 @@ def _import():
     except Exception as error:  # not installed, or broken (an LLVM or cache setup error): stay correct
         log.warning("numba could not be loaded (%s): the torch kernels run instead", error)
         return None
-    names = ("select_random", "high_histogram", "note_bracket", "low_histogram_positions", "noted_low_histogram",
-             "nth_noted", "keep_at_least", "disjoint_merge", "nth_equal", "abs_sum_bins")
+    names = ("select_random", "high_histogram", "note_bracket", "count_noting", "low_histogram_positions",
+             "noted_low_histogram", "nth_noted", "keep_at_least", "disjoint_merge", "nth_equal", "abs_sum_bins")
     return {"np": np, **{name: getattr(native_loops, name) for name in names}}
 
 
@@ -140,6 +140,18 @@ def note_bracket(x: torch.Tensor, state: torch.Tensor, positions: torch.Tensor, 
         return False
     np = loops["np"]
     loops["note_bracket"](_bits(x, np), state.numpy(), positions.numpy(), bits.numpy(), np.uint32(low_bits))
+    return True
+
+
+def count_noting(x: torch.Tensor, state: torch.Tensor, positions: torch.Tensor, bits: torch.Tensor,
+                 low_bits: int) -> bool:
+    """native_loops.count_noting over x (state, positions, bits: int64 CPU tensors); False where this
+    loop does not apply (nothing counted or noted)."""
+    loops = _loops() if _fits(x) else None
+    if loops is None:
+        return False
+    np = loops["np"]
+    loops["count_noting"](_bits(x, np), state.numpy(), positions.numpy(), bits.numpy(), np.uint32(low_bits))
     return True
 
 

@@ -10,19 +10,23 @@ integer that orders like the value). A larger key ranks first, so "the top k ent
 exactly "key >= the key of the k-th entry": a single 0-d int64 statistic (a *cutoff*) that
 every chunk can compare against. Tensors of up to 2**32 entries are supported.
 
-The k-th entry is found in one to three passes over the chunks:
+The k-th entry is found in one to four passes over the chunks:
 
-1. a histogram (torch.bincount) of the top 16 of the 31 magnitude bits locates the bin that
-   holds rank k, and how many larger magnitudes lie above it. The pass also notes the place and
-   bits of every entry of the bins around the one the first chunk's histogram points to
-   (`RankCutoff._bracket`); when the chosen bin is among them, the notes stand in for pass 2;
-2. a histogram of the low 15 bits of the entries in that bin gives the exact magnitude t of
+1. a histogram (torch.bincount) of the top 16 of the 31 magnitude bits of the first chunk picks a
+   bracket of bins around the one that would hold rank k if the chunk were the tensor
+   (`RankCutoff._bracket`). The rest of the pass counts the entries above the bracket and notes
+   the place and bits of every entry in it. When rank k falls among the noted entries, the notes
+   stand in for passes 2 and 3 (on the benchmark family, every selection); else
+2. the histogram of the top 16 bits of every entry locates the bin that holds rank k, and how many
+   larger magnitudes lie above it;
+3. a histogram of the low 15 bits of the entries in that bin gives the exact magnitude t of
    rank k — the value `torch.kthvalue` returns for the matching ascending rank — and how many
    of the entries equal to t rank before it;
-3. only when the entries equal to t straddle the cut (some kept, some not): the flat index of
-   the last one kept. The second pass notes the place of every entry of the chosen bin (up to
-   POSITIONS of them), so that index is usually known then; only a larger bin takes a third pass,
-   a scan.
+4. only when the entries equal to t straddle the cut (some kept, some not): the flat index of
+   the last one kept. Pass 3 notes the place of every entry of the chosen bin (up to POSITIONS of
+   them), so that index is usually known then; only a larger bin takes a fourth pass, a scan.
+
+A tensor of one chunk has its whole histogram after pass 1: pass 2 is never needed there.
 
 Memory is two fixed histograms and up to POSITIONS notes; work is O(n). So exactly k entries are
 kept, as in mergekit, whose choice among equal magnitudes follows an unstable sort; here the lower
@@ -40,14 +44,17 @@ from . import native
 from .registry import KernelContext, Param, in_range, op
 
 HIGH_BITS = 16  # bins of the first pass: 2**16
-LOW_BITS = 15  # bins of the second pass: 2**15 (31 magnitude bits in all)
+LOW_BITS = 15  # bins of the low pass: 2**15 (31 magnitude bits in all)
 INDEX_BITS = 32
 _INDEX_MASK = (1 << INDEX_BITS) - 1
 _LOW_MASK = (1 << LOW_BITS) - 1
 MAX_ENTRIES = 1 << INDEX_BITS
 KEEP_ALL = 0  # a cutoff below every key
 KEEP_NONE = (1 << 63) - 1  # a cutoff above every key
-POSITIONS = 1 << 20  # entries of the chosen high bin whose places the second pass notes (16 MB)
+# The state of the first pass (native_loops): entries noted, next flat index, lowest and highest bin
+# of the bracket, entries above it, whether it is known.
+NOTED, NEXT, LOWEST, HIGHEST, ABOVE, BRACKETED = range(6)
+POSITIONS = 1 << 20  # entries of the bracket, or of the chosen high bin, whose places a pass notes (16 MB)
 _NO_ROOM = torch.empty(0, dtype=torch.int64)  # for a low histogram that notes no places
 
 
@@ -130,15 +137,24 @@ def note_bracket(x: torch.Tensor, state: torch.Tensor, positions: torch.Tensor, 
     index advanced."""
     if native.note_bracket(x, state, positions, bits, LOW_BITS):
         return
-    noted, first, lowest, highest = (int(v) for v in state)
+    noted, first, lowest, highest = (int(v) for v in state[[NOTED, NEXT, LOWEST, HIGHEST]])
     m = magnitude_bits(x)
     high = m >> LOW_BITS
     index = torch.nonzero((high >= lowest) & (high <= highest)).flatten()
     room = max(0, min(index.numel(), positions.numel() - noted))
     positions[noted:noted + room] = index[:room].cpu() + first
     bits[noted:noted + room] = m[index[:room]].cpu()
-    state[0] = noted + index.numel()
-    state[1] = first + x.numel()
+    state[NOTED] = noted + index.numel()
+    state[NEXT] = first + x.numel()
+
+
+def count_noting(x: torch.Tensor, state: torch.Tensor, positions: torch.Tensor, bits: torch.Tensor) -> None:
+    """native_loops.count_noting: note_bracket, and state[ABOVE] += the entries of x whose high bin
+    lies above the bracket."""
+    if native.count_noting(x, state, positions, bits, LOW_BITS):
+        return
+    state[ABOVE] += int(((magnitude_bits(x) >> LOW_BITS) > state[HIGHEST]).sum())
+    note_bracket(x, state, positions, bits)
 
 
 def rank_keys(x: torch.Tensor, start: int) -> torch.Tensor:
@@ -222,7 +238,18 @@ def _pick(hist: torch.Tensor, rank: int) -> tuple[int, int]:
 class RankCutoff:
     """The rank key of the entry of rank `rank` (1 = the largest |x|) of a tensor, streamed over its
     chunks. `bound="lower"`: a cutoff that `key >= cutoff` keeps ranks 1..rank with; "upper": one
-    that `key <= cutoff` keeps ranks rank..n with. `rank=None`: no data needed, `fixed` is the result."""
+    that `key <= cutoff` keeps ranks rank..n with. `rank=None`: no data needed, `fixed` is the result.
+
+    Its passes, in order (`stage`):
+    - "bracket": the first chunk's high histogram picks a bracket of bins (_bracket); every later
+      chunk only counts its entries above the bracket and notes the place and bits of those in it
+      (count_noting). When rank k falls among the noted entries, they stand in for the next two
+      passes; else
+    - "high": the high histogram of every entry, which picks the bin of rank k;
+    - "low": the low-bits histogram of that bin's entries, noting their places;
+    - "scan": the flat index of the entry that splits a run of equal magnitudes, when the notes of
+      the bin could not hold all of its entries.
+    """
 
     def __init__(self, ctx: KernelContext, shape: tuple[int, ...], rank: int | None, bound: str = "lower",
                  fixed: int = KEEP_ALL):
@@ -231,39 +258,40 @@ class RankCutoff:
         if rank is not None and self.n > MAX_ENTRIES:
             raise ValueError(f"exact top-k supports tensors of up to 2**32 entries, found {self.n}")
         self.rank, self.bound, self.key = rank, bound, fixed
+        self.stage = "bracket"
         self.hist = torch.zeros(1 << HIGH_BITS, dtype=torch.int64, device=self.device)
+        self.binned = 0  # entries in the high histogram of the first pass: the first chunk's
         self.high = self.rank_in_bin = self.bits = self.tie = 0
         self.seen = 0  # entries seen so far in this pass
         self.pass_complete = False  # the executor may skip the rest of the chunks of this pass
-        # The second pass notes the places and magnitude bits of the entries of the chosen high bin
-        # (while they fit these buffers), so that the entry that splits a run of equal magnitudes is
-        # found without a third. The first pass notes those of a bracket of high bins around the
-        # one the first chunk points to (see _bracket); when the chosen bin is among them there is
-        # no second pass. `noted`: how many entries the notes hold (all of the chosen bin's when
-        # in_bin <= the room).
+        # The places and magnitude bits of the entries of the bracket (first pass) or of the chosen
+        # bin (low pass), while they fit these buffers; in_bin: how many the chosen bin holds,
+        # noted: how many the notes of the first pass hold, when they stand for the low pass.
         self.positions = self.magnitudes = None
         self.in_bin = self.noted = 0
-        # native_loops' NOTED, NEXT, LOWEST, HIGHEST; until the bracket is known, one bin past the last
-        self.state = torch.tensor([0, 0, 1 << HIGH_BITS, 1 << HIGH_BITS], dtype=torch.int64)
-        self.bracketed = False
+        # native_loops' NOTED, NEXT, LOWEST, HIGHEST, ABOVE, BRACKETED; until the bracket is known,
+        # one bin past the last
+        self.state = torch.tensor([0, 0, 1 << HIGH_BITS, 1 << HIGH_BITS, 0, 0], dtype=torch.int64)
 
     def update(self, pass_: int, x: torch.Tensor) -> None:
         if self.rank is None or x.numel() == 0:
             return
         start, self.seen = self.seen, self.seen + x.numel()
-        if pass_ >= 2 and self.tie <= 0:
-            return  # found in an earlier chunk
-        if pass_ == 0:
-            add_high_histogram(self.hist, x)
-            if not self.bracketed:
-                self._bracket(x.numel())
+        if self.stage == "bracket":
             self._buffers()
+            if self.state[BRACKETED]:
+                count_noting(x, self.state, self.positions, self.magnitudes)
+                return
+            add_high_histogram(self.hist, x)
+            self._bracket(x.numel())
             note_bracket(x, self.state, self.positions, self.magnitudes)
-        elif pass_ == 1:
+        elif self.stage == "high":
+            add_high_histogram(self.hist, x)
+        elif self.stage == "low":
             self._buffers()
             self.in_bin = add_low_histogram_positions(self.hist, x, self.high, start, self.positions,
                                                       self.magnitudes, self.in_bin)
-        else:
+        elif self.tie > 0:  # scan, until the entry is found
             found = native.nth_equal(x, self.bits, self.tie)
             if found is None:
                 ties = magnitude_bits(x) == self.bits
@@ -285,64 +313,98 @@ class RankCutoff:
         """The bracket of the first pass, from the histogram of its first `count` entries: the bins of
         the ranks within 0.2% of that chunk's share of `rank`. On the benchmark family a chunk of a
         million entries points to the very bin the whole tensor's histogram chooses; where the
-        tensor's other rows differ, the chosen bin may fall outside the bracket (or the notes
-        outgrow POSITIONS), and the second pass runs as before."""
+        tensor's other rows differ, rank k may fall outside the bracket (or the notes outgrow
+        POSITIONS), and the high and low passes run."""
         share = min(count, max(1, round(self.rank * count / self.n)))
         spread = count // 512 + 1
-        self.state[2] = _pick(self.hist, min(count, share + spread))[0]  # LOWEST: the smaller magnitudes
-        self.state[3] = _pick(self.hist, max(1, share - spread))[0]  # HIGHEST
-        self.bracketed = True
+        self.state[LOWEST] = _pick(self.hist, min(count, share + spread))[0]  # the smaller magnitudes
+        self.state[HIGHEST] = _pick(self.hist, max(1, share - spread))[0]
+        self.state[BRACKETED] = 1
+        self.binned = count
 
     def taps(self, pass_: int) -> list | None:
-        """Pass 0 is the high histogram, with the entries of the bracket noted, which a native
-        region's loop may do (native_regions); the first chunk notes its entries afterwards
-        (tapped_chunk), once the bracket is known."""
+        """The first pass is native_loops.bracket_pass, which a native region's loop may run (native_regions);
+        the first chunk notes its entries afterwards (tapped_chunk), once the bracket is known."""
         if pass_ != 0 or self.rank is None:
             return None
         self._buffers()
-        return [("high_histogram_noting", (self.hist, self.state, self.positions, self.magnitudes), (LOW_BITS,))]
+        return [("bracket_pass", (self.hist, self.state, self.positions, self.magnitudes), (LOW_BITS,))]
 
     def tapped_chunk(self, x: torch.Tensor) -> None:
-        """After a native loop's chunk of pass 0, its values x: the first one sets the bracket and
-        notes its entries (the loop noted none)."""
-        if not self.bracketed:
+        """After a native loop's chunk of the first pass, its values x: the first one sets the bracket
+        and notes its entries (the loop binned them)."""
+        if not self.state[BRACKETED]:
             self._bracket(x.numel())
-            self.state[1] -= x.numel()  # NEXT: back to the chunk's first entry
+            self.state[NEXT] -= x.numel()  # back to the chunk's first entry
             note_bracket(x, self.state, self.positions, self.magnitudes)
 
     def end_pass(self, pass_: int) -> bool:
         if self.rank is None or self.n == 0:
             return True
         self.seen = 0
-        if pass_ == 0:
-            self.high, self.rank_in_bin = _pick(self.hist, self.rank)
-            noted, lowest, highest = (int(v) for v in self.state[[0, 2, 3]])
-            if lowest <= self.high <= highest and noted <= self.positions.numel():
-                # every entry of the chosen bin was noted, in index order: the second pass's results
+        if self.stage == "bracket":
+            noted, lowest, highest, above = (int(v) for v in self.state[[NOTED, LOWEST, HIGHEST, ABOVE]])
+            fits = noted <= self.positions.numel()
+            if self.binned == self.n:  # one chunk: the histogram is whole
+                self.high, self.rank_in_bin = _pick(self.hist, self.rank)
+                inside = lowest <= self.high <= highest
+            else:
+                above += int(self.hist[highest + 1:].sum())
+                inside = above < self.rank <= above + noted
+                if inside and fits:
+                    self.high, self.rank_in_bin = self._noted_bin(noted, lowest, highest, self.rank - above)
+            if inside and fits:  # every entry of the chosen bin was noted, in index order
                 self.noted = noted
                 hist, self.in_bin = noted_low_histogram(self.magnitudes, noted, self.high)
                 self.hist = hist.to(self.device)
-                return self.end_pass(1)
-            self.hist = torch.zeros(1 << LOW_BITS, dtype=torch.int64, device=self.device)
+                return self._low_done()
+            if self.binned == self.n:
+                self._start_low()
+            else:
+                self.stage = "high"
+                self.hist.zero_()
             return False
-        if pass_ == 1:
-            low, self.tie = _pick(self.hist, self.rank_in_bin)  # the tie-th entry equal to t, by index
-            ties = int(self.hist[low].item())
-            self.bits = (self.high << LOW_BITS) | low
-            self.hist = None
-            positions, magnitudes, self.positions, self.magnitudes = self.positions, self.magnitudes, None, None
-            if self.bound == "lower" and self.tie == ties:  # every entry equal to t is kept
-                self.key = self.bits << INDEX_BITS
-                return True
-            if self.bound == "upper" and self.tie == 1:
-                self.key = (self.bits << INDEX_BITS) | _INDEX_MASK
-                return True
-            if self.in_bin <= positions.numel():  # every entry of the bin was noted: no third pass
-                index = nth_noted(magnitudes, positions, self.noted or self.in_bin, self.bits, self.tie)
-                self.key = (self.bits << INDEX_BITS) | (_INDEX_MASK - index)
-                return True
+        if self.stage == "high":
+            self.high, self.rank_in_bin = _pick(self.hist, self.rank)
+            self._start_low()
             return False
+        if self.stage == "low":
+            return self._low_done()
         return True
+
+    def _noted_bin(self, noted: int, lowest: int, highest: int, rank: int) -> tuple[int, int]:
+        """The bin of the bracket that holds the rank-th largest noted entry, and its rank there."""
+        if lowest == highest:
+            return lowest, rank
+        bins = torch.bincount((self.magnitudes[:noted] >> LOW_BITS) - lowest, minlength=highest - lowest + 1)
+        b, within = _pick(bins, rank)
+        return lowest + b, within
+
+    def _start_low(self) -> None:
+        self.stage = "low"
+        self.hist = torch.zeros(1 << LOW_BITS, dtype=torch.int64, device=self.device)
+        self.in_bin = self.noted = 0
+
+    def _low_done(self) -> bool:
+        """After the low histogram of the chosen bin: the cutoff, or False where a scan must find the
+        index of the entry that splits a run of equal magnitudes."""
+        low, self.tie = _pick(self.hist, self.rank_in_bin)  # the tie-th entry equal to t, by index
+        ties = int(self.hist[low].item())
+        self.bits = (self.high << LOW_BITS) | low
+        self.hist = None
+        positions, magnitudes, self.positions, self.magnitudes = self.positions, self.magnitudes, None, None
+        self.stage = "scan"
+        if self.bound == "lower" and self.tie == ties:  # every entry equal to t is kept
+            self.key = self.bits << INDEX_BITS
+            return True
+        if self.bound == "upper" and self.tie == 1:
+            self.key = (self.bits << INDEX_BITS) | _INDEX_MASK
+            return True
+        if self.in_bin <= positions.numel():  # every entry of the bin was noted: no scan
+            index = nth_noted(magnitudes, positions, self.noted or self.in_bin, self.bits, self.tie)
+            self.key = (self.bits << INDEX_BITS) | (_INDEX_MASK - index)
+            return True
+        return False
 
     def result(self) -> torch.Tensor:
         return torch.tensor(self.key, dtype=torch.int64, device=self.device)
