@@ -74,9 +74,13 @@ class TensorEvaluator:
         self._shared: frozenset[Node] | None = None
         self._consumers: dict[Node, list[Node]] | None = None
 
+    def chunk_rows(self) -> int:
+        """Rows per chunk: options.chunk entries' worth, at least one."""
+        return max(1, self.options.chunk // max(1, self.row_size))
+
     def chunks(self, first: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
         end = self.rows if end is None else end
-        step = max(1, self.options.chunk // max(1, self.row_size))
+        step = self.chunk_rows()
         for r0 in range(first, end, step):
             yield r0, min(end, r0 + step)
 
@@ -246,12 +250,18 @@ class TensorEvaluator:
             return False
         taps = tuple((index[a], loop, arrays, constants) for a, (loop, arrays, constants) in zip(inputs, taps))
         nbytes = self.rows * self.row_size * 4
-        whole = None
+        whole = scratch = None
         if not self.keep_loads and self.cached_bytes + nbytes <= self.budget:  # else its loads are kept
             whole = torch.empty(self.shape, dtype=torch.float32, device=self.device)
         after = getattr(reducer, "tapped_chunk", None)
         for r0, r1 in self.chunks():
-            part = None if whole is None else whole[r0:r1]
+            if whole is not None:
+                part = whole[r0:r1]
+            else:  # the root's chunks are not kept: one buffer takes them all (fresh memory for each
+                # chunk's values cost the loop of ties' first pass 0.5 ns per entry in page faults)
+                if scratch is None:
+                    scratch = torch.empty(min(self.rows, self.chunk_rows()) * self.row_size, dtype=torch.float32)
+                part = scratch[:(r1 - r0) * self.row_size].view((r1 - r0,) + tuple(self.shape[1:]))
             value = native.rows_of(self, steps, r0, r1, part, taps)
             if value is None:
                 if r0 == 0:
@@ -261,7 +271,7 @@ class TensorEvaluator:
                                     for a in inputs])
             elif after is not None:
                 after(value)
-            if part is not None and value is not part:
+            if whole is not None and value is not part:
                 part[...] = value
         if whole is not None:
             self.cache[root] = whole
