@@ -27,6 +27,7 @@ from .graph import Node, walk
 from .ops import OPS, KernelContext
 from .rng import derive_key
 from .schedule import is_leaf, region
+from . import tapped
 
 # Elements per chunk: 4 MB of float32. Each chunk costs Python and kernel calls on top of its
 # entries; since reads are mapped, halving that count pays more than a chunk's temporaries fitting
@@ -139,7 +140,7 @@ class TensorEvaluator:
         l1_ratio(x, keep_random(x))) once, though its pass reads it again: kept whole, it would take
         the budget from the mask's result, which costs more to recompute eagerly.
 
-        The inputs of reductions a native loop taps (tapped_pass) are not kept whole here: their
+        The inputs of reductions a native loop taps (tapped.py) are not kept whole here: their
         loads are, and the loops compute them again from those. Kept whole, ties' deltas took twice
         the memory of the fine-tunes (float32 against bf16), and writing and reading them back cost
         the time that recomputing them saves (0.13 GB less at the peak of dare_linear and of ties
@@ -194,89 +195,48 @@ class TensorEvaluator:
         return spec.kernel(ctx, *inputs, **params)
 
     def full(self, node: Node) -> torch.Tensor:
-        """The whole value of a reduce, model or tensor node (cached for this tensor)."""
+        """The whole value of a reduce, model or tensor node (cached for this tensor). A reduction's
+        first pass runs inside the native loop of its input where it can (tapped.py), with those of
+        the tensor's other reductions over the same loads."""
         if node in self.cache:
             return self.cache[node]
         spec = OPS[node.op]
         n_in, _ = spec.layout(len(node.args))
         inputs, constants = node.args[:n_in], [a.attr("value") for a in node.args[n_in:]]
-        if spec.kind in ("reduce", "model"):
-            _, params = spec.bind([None] * n_in + constants)
-            # A model statistic not computed beforehand (evaluating one tensor alone) covers this tensor.
-            size = self.shape if spec.kind == "reduce" else self.rows * self.row_size
-            reducer = spec.kernel(self.context(0), size, **params)
-            tapped = self.tapped_pass(inputs, reducer)
-            if not tapped:
-                self.keep_inputs(node, inputs)
-            pass_ = 0
-            while True:
-                for r0, r1 in () if tapped and pass_ == 0 else self.chunks():
-                    if getattr(reducer, "pass_complete", False):
-                        break  # the reducer needs no more chunks in this pass (a scan that found its entry)
-                    reducer.update(pass_, *[self._as_tensor(self.rows_of(a, r0, r1), r1 - r0) for a in inputs])
-                if reducer.end_pass(pass_):
-                    break
-                pass_ += 1
-            value = reducer.result()
-        else:
+        if spec.kind not in ("reduce", "model"):
             args = [self._as_tensor(self.rows_of(a, 0, self.rows), self.rows) for a in inputs]
-            value = self.apply(node, args + constants, self.context(0))
-        self.cache[node] = value
-        return value
-
-    def tapped_pass(self, inputs, reducer) -> bool:
-        """A reduction's first pass inside the native loop of one of its inputs, the root: the loop
-        that computes the root hands every input's values to the reducer's loops as it computes
-        them (native_regions, taps). l1_ratio(x, keep_random(x)) so reads x's inputs once, not
-        twice, and makes one pass, not three. The other inputs must be values of the root's region.
-        After each chunk of the loop, the reducer's `tapped_chunk`, where it has one, gets the
-        root's values of that chunk (a top-k select notes the first chunk's entries then).
-        The root is kept whole when it fits the budget, as keep_inputs would, except with
-        keep_loads, where its loads are kept instead (shared_loads). False, with nothing done, where
-        this does not apply: the reducer has no taps, no input is such a root, or its region is not
-        a native loop. A chunk the loop leaves out (a short last one) is evaluated eagerly."""
+            self.cache[node] = self.apply(node, args + constants, self.context(0))
+            return self.cache[node]
         native = getattr(self.fuser, "native", None)
-        taps = reducer.taps(0) if native is not None and hasattr(reducer, "taps") else None
-        if not taps:
-            return False
-        for root in inputs:
-            if is_leaf(root) or root in self.cache:
-                continue
-            steps = self.region_of(root)
-            index = {s.node: i for i, s in enumerate(steps)}
-            if all(a in index for a in inputs):
-                break
-        else:
-            return False
-        taps = tuple((index[a], loop, arrays, constants) for a, (loop, arrays, constants) in zip(inputs, taps))
-        nbytes = self.rows * self.row_size * 4
-        whole = scratch = None
-        if not self.keep_loads and self.cached_bytes + nbytes <= self.budget:  # else its loads are kept
-            whole = torch.empty(self.shape, dtype=torch.float32, device=self.device)
-        after = getattr(reducer, "tapped_chunk", None)
-        for r0, r1 in self.chunks():
-            if whole is not None:
-                part = whole[r0:r1]
-            else:  # the root's chunks are not kept: one buffer takes them all (fresh memory for each
-                # chunk's values cost the loop of ties' first pass 0.5 ns per entry in page faults)
-                if scratch is None:
-                    scratch = torch.empty(min(self.rows, self.chunk_rows()) * self.row_size, dtype=torch.float32)
-                part = scratch[:(r1 - r0) * self.row_size].view((r1 - r0,) + tuple(self.shape[1:]))
-            value = native.rows_of(self, steps, r0, r1, part, taps)
-            if value is None:
-                if r0 == 0:
-                    return False
-                value = self.rows_of(root, r0, r1, part)
-                reducer.update(0, *[self._as_tensor(value if a is root else self.rows_of(a, r0, r1), r1 - r0)
-                                    for a in inputs])
-            elif after is not None:
-                after(value)
-            if whole is not None and value is not part:
-                part[...] = value
-        if whole is not None:
-            self.cache[root] = whole
-            self.cached_bytes += nbytes
-        return True
+        group, members = [node], [tapped.plan(self, native, inputs, self._reducer(node))]
+        for n in tapped.siblings(self, node):  # after planning node's: that may have computed some
+            group.append(n)
+            members.append(tapped.plan(self, native, tapped.inputs_of(n), self._reducer(n)))
+        for n, m, was_tapped in zip(group, members, tapped.first_passes(self, members)):
+            self.cache[n] = self._reduce(n, m.inputs, m.reducer, was_tapped)
+        return self.cache[node]
+
+    def _reducer(self, node: Node):
+        spec = OPS[node.op]
+        n_in, _ = spec.layout(len(node.args))
+        _, params = spec.bind([None] * n_in + [a.attr("value") for a in node.args[n_in:]])
+        # A model statistic not computed beforehand (evaluating one tensor alone) covers this tensor.
+        size = self.shape if spec.kind == "reduce" else self.rows * self.row_size
+        return spec.kernel(self.context(0), size, **params)
+
+    def _reduce(self, node: Node, inputs, reducer, tapped_first: bool) -> torch.Tensor:
+        """The reduction's passes over the chunks (all but the first where that one was tapped)."""
+        if not tapped_first:
+            self.keep_inputs(node, inputs)
+        pass_ = 0
+        while True:
+            for r0, r1 in () if tapped_first and pass_ == 0 else self.chunks():
+                if getattr(reducer, "pass_complete", False):
+                    break  # the reducer needs no more chunks in this pass (a scan that found its entry)
+                reducer.update(pass_, *[self._as_tensor(self.rows_of(a, r0, r1), r1 - r0) for a in inputs])
+            if reducer.end_pass(pass_):
+                return reducer.result()
+            pass_ += 1
 
     def keep_inputs(self, node: Node, inputs) -> None:
         """Keep the inputs of reduction `node` whole (keep_whole). An input that another input is

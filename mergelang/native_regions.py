@@ -21,7 +21,7 @@ at least native.MIN_ELEMENTS entries, and numba is available (native.py: MERGELA
 it off). Anything else stays with the eager path (or inductor, when asked for).
 
 A loop may also hand values of its region to a reduction as it computes them (taps: see
-`TensorEvaluator.tapped_pass`): block by block, the values go to a buffer in the L1 cache and from
+tapped.py): block by block, the values go to a buffer in the L1 cache and from
 there to a loop of native_loops (an exact L1 sum, a top-k histogram), so `l1_ratio(x, keep_random(x))`
 is one pass over x's inputs that also writes the kept values.
 
@@ -415,6 +415,7 @@ class NativeRegions:
         # (steps, kinds, taps, out) → (function, random steps), None, or BUILDING
         self._loops: dict[tuple, object] = {}
         self._lock = threading.Lock()
+        self._built = threading.Condition(self._lock)  # notified when a build ends
         self._building = False
 
     @staticmethod
@@ -423,12 +424,13 @@ class NativeRegions:
         return device.type == "cpu" and os.environ.get(native.ENV, "1") != "0"
 
     def rows_of(self, evaluator, steps: tuple[Step, ...], r0: int, r1: int, out: torch.Tensor | None = None,
-                taps: tuple = ()):
+                taps: tuple = (), wait: bool = False):
         """Rows [r0, r1) of the region's root as float32, written into `out` when it is a contiguous
         float32 CPU tensor of their shape (else into a new one); None where this region stays eager
         (nothing computed). `taps`: (step, loop of TAP_LOOPS, int64 CPU arrays, uint32 constants)
         for each value of the region whose rows the loop also passes to that loop with those
-        arguments (a reduction's pass: see TensorEvaluator.tapped_pass)."""
+        arguments (a reduction's pass: see tapped.py). `wait`: for numba and for the loop where
+        another thread is loading or building them, instead of leaving the chunk eager."""
         count = (r1 - r0) * evaluator.row_size
         if count < native.MIN_ELEMENTS or not self.may_run(evaluator.device) or not supported(steps):
             return None
@@ -436,7 +438,7 @@ class NativeRegions:
         if (start >> 32) != ((start + count - 1) >> 32) and any(
                 s.inputs and OPS[s.node.op].random for s in steps):
             return None  # the chunk spans two 2^32 blocks of rng keys: eager handles that
-        loops = native._loops()
+        loops = native._loops(wait)
         if loops is None:
             return None
         if getattr(evaluator.read, "raw", None) is None:
@@ -466,7 +468,7 @@ class NativeRegions:
         # converted by torch), unless a result is NaN: then the chunk is computed again in float32.
         bf16 = (out is None and not taps and getattr(evaluator, "out_dtype", None) == torch.bfloat16
                 and steps[-1].node is evaluator.tp.graph)
-        loop = self._loop(steps, kinds, tap_key, "bf16" if bf16 else "f32")
+        loop = self._loop(steps, kinds, tap_key, "bf16" if bf16 else "f32", wait)
         if loop is None:
             return None
         leaves = [values[n] if n in values else evaluator.load_raw(n, r0, r1) for n in nodes]
@@ -504,11 +506,17 @@ class NativeRegions:
         function(*call, out.reshape(-1).numpy(), *(a.numpy() for _, _, arrays, _ in taps for a in arrays))
         return out
 
-    def _loop(self, steps: tuple[Step, ...], kinds: tuple[str, ...], taps: tuple = (), out: str = "f32"):
+    def _loop(self, steps: tuple[Step, ...], kinds: tuple[str, ...], taps: tuple = (), out: str = "f32",
+              wait: bool = False):
         """The loop of this region for these leaf kinds, taps and output kind; None where there is
-        none, or while another thread builds it (its chunks meanwhile run eagerly, to the same bits)."""
+        none, or while another thread builds one, unless `wait` (the chunks of a region run eagerly
+        meanwhile, to the same bits)."""
         key = (steps, kinds, taps, out)
         with self._lock:
+            while wait and self._building:
+                if self._loops.get(key, BUILDING) is not BUILDING:
+                    break
+                self._built.wait()
             if key in self._loops:
                 loop = self._loops[key]
                 return None if loop is BUILDING else loop
@@ -523,6 +531,7 @@ class NativeRegions:
             with self._lock:
                 self._loops[key] = loop
                 self._building = False
+                self._built.notify_all()
         return loop
 
     def _build(self, steps, kinds, taps, out):

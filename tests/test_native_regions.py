@@ -329,6 +329,31 @@ def test_a_region_another_thread_is_building_runs_eagerly_meanwhile():
     assert loops_built(fuser)
 
 
+def test_a_chunk_that_waits_gets_the_loop_another_thread_is_building():
+    """A reduction's first chunk (wait=True) blocks until the build in progress ends, then takes its
+    result; without waiting the chunk is left eager."""
+    fuser = native_fuser()
+    graph = Node("sub", [L("a"), L("b")])
+    key = (region(graph), ("f32", "bf16"), (), "f32")
+    regions = fuser.native
+    with regions._lock:  # another thread's build, in progress
+        regions._loops[key] = native_regions.BUILDING
+        regions._building = True
+    got = []
+    waiter = native_regions.threading.Thread(target=lambda: got.append(regions._loop(*key, wait=True)))
+    waiter.start()
+    assert regions._loop(*key) is None
+    waiter.join(0.2)
+    assert waiter.is_alive() and not got  # still waiting
+    built = (lambda: None, [])
+    with regions._lock:  # the build ends
+        regions._loops[key] = built
+        regions._building = False
+        regions._built.notify_all()
+    waiter.join(5)
+    assert got == [built]
+
+
 def test_while_another_thread_imports_numba_the_loops_are_not_waited_for(monkeypatch):
     monkeypatch.setattr(native, "_import", native._import)  # the cache is restored after the test
     loaded = native._loops()
@@ -404,7 +429,7 @@ def tapped_loops(fuser: fuse.Fuser) -> list:
 @pytest.mark.parametrize("min_elements", [1, 200])
 def test_a_reduction_pass_inside_its_inputs_loop_gives_the_eager_bits(monkeypatch, min_elements):
     """l1_ratio's sums and topk_cutoff's first histogram are taken by the loop that computes their
-    input (TensorEvaluator.tapped_pass); the kept value is the loop's output. With 200 entries at
+    input (tapped.py); the kept value is the loop's output. With 200 entries at
     least, the last chunk of 4 rows (132 entries) runs eagerly, adding to the same sums. A NaN or an
     infinity among the entries makes the sum NaN or infinite, as eagerly."""
     monkeypatch.setattr(native, "MIN_ELEMENTS", min_elements)

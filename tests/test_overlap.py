@@ -121,13 +121,13 @@ def test_workers_read_an_input_that_several_regions_share_once(family, tmp_path,
 
 def test_tapped_reductions_keep_their_loads_and_read_each_input_once(family, tmp_path, monkeypatch):
     """With native loops (here on the tiny family's tensors too), l1_ratio's and topk_cutoff's
-    first passes run inside the loops of their inputs (TensorEvaluator.tapped_pass), which are not
+    first passes run inside the loops of their inputs (tapped.py), all four in one, which are not
     kept whole: side by side, each worker keeps the loads instead, reading every input once per
     tensor; the bytes are those of -j 1 and of the eager path. (A density of 0.7 draws no warning,
     whose check would read samples of the inputs.)"""
     from conftest import write_spec
     from mergelang.api import RunOptions, run
-    from mergelang.execute import TensorEvaluator
+    from mergelang import tapped as tapped_module
     from mergelang.io import Checkpoint
     from mergelang.native_regions import NativeRegions
     from mergelang.ops import OPS, native
@@ -150,16 +150,21 @@ def test_tapped_reductions_keep_their_loads_and_read_each_input_once(family, tmp
                                 "output dare_linear(base, [ft0, ft1], weights=[0.6, 0.4], density=0.7) + "
                                 "ties(base, [ft0, ft1], weights=[0.6, 0.4], density=0.5)\n")
     counted = count_reads(monkeypatch)
-    tapped: dict = {}  # evaluator side by side with loops → its tapped_pass results
-    real_tapped_pass = TensorEvaluator.tapped_pass
+    tapped: dict = {}  # evaluator side by side with loops → its first passes' results
+    real_first_passes = tapped_module.first_passes
 
-    def tapped_pass(self, *args):
-        done = real_tapped_pass(self, *args)
-        if self.keep_loads and self.fuser.native is not None:  # side by side, with loops
-            tapped.setdefault(self, []).append(done)
+    def first_passes(evaluator, members):
+        done = real_first_passes(evaluator, members)
+        if evaluator.keep_loads and evaluator.fuser.native is not None:  # side by side, with loops
+            tapped.setdefault(evaluator, []).extend(done)
+            groups.append(len(members))
         return done
 
-    monkeypatch.setattr(TensorEvaluator, "tapped_pass", tapped_pass)
+    groups: list[int] = []
+    monkeypatch.setattr(tapped_module, "first_passes", first_passes)
+    joints: list[int] = []  # the taps of each loop over several roots
+    real_joint = tapped_module._joint
+    monkeypatch.setattr(tapped_module, "_joint", lambda ev, ms: joints.append(len(ms)) or real_joint(ev, ms))
     threads = torch.get_num_threads()
     outputs, reads = {}, {}
     try:
@@ -171,8 +176,10 @@ def test_tapped_reductions_keep_their_loads_and_read_each_input_once(family, tmp
             reads[j, mode] = dict(counted)
     finally:
         torch.set_num_threads(threads)
-    # Every reduction tapped; no delta, no mask kept whole: the loads are.
+    # Every reduction tapped, all of a tensor's together (two l1 sums and two top-k selects); no
+    # delta, no mask kept whole: the loads are.
     assert tapped and all(all(done) for done in tapped.values())
+    assert set(groups) == {4} and joints and set(joints) == {4}
     assert not [n for ev in tapped for n in ev.cache if OPS[n.op].kind == "elementwise"]
     size = sum(info.nbytes for info in Checkpoint.open(family / "base").tensors.values())
     assert reads[2, "auto"] == {"base": size, "ft0": size, "ft1": size}

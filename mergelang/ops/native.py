@@ -39,14 +39,15 @@ MIN_ELEMENTS = 1 << 16
 _importing = threading.Lock()
 
 
-def _loops():
+def _loops(wait: bool = False):
     """The compiled loops, or None where numba is unavailable or turned off, or while another thread
-    is importing it (0.2 s and more): that thread's chunk waits for it, this one takes the torch path."""
+    is importing it (0.2 s and more), unless `wait`: that thread's chunk waits for it, this one takes
+    the torch path."""
     if os.environ.get(ENV, "1") == "0":
         return None
     if _import.cache_info().currsize:
         return _import()
-    if not _importing.acquire(blocking=False):
+    if not _importing.acquire(blocking=wait):
         return None
     try:
         return _import()
