@@ -23,7 +23,7 @@ from .ops import OPS
 from .schedule import is_leaf, region
 
 
-@dataclass
+@dataclass(eq=False)  # members are told apart by identity (their taps hold tensors)
 class Member:
     """One reduction's first pass: its inputs and reducer, the root whose loop computes them, that
     root's region (steps) and the taps for it."""
@@ -87,12 +87,11 @@ def first_passes(evaluator, members: list[Member]) -> list[bool]:
 
     A member's first chunk runs in its own loop (the reducer's `tapped_chunk`, where it has one,
     then gets the root's values of that chunk), waiting for it where another thread is loading it;
-    a member whose loop refuses the chunk is left out. The later chunks of two or more members run in one
-    loop over the region of all their roots (or, where that loop is not there yet, their own); alone,
-    a member keeps its own loop. The root is kept
-    whole when it fits the budget, as keep_inputs would, except with keep_loads (the loads are kept:
-    shared_loads) or several members. A chunk a loop leaves out (a short last one) is evaluated
-    eagerly."""
+    a member whose loop refuses the chunk is left out. The later chunks of two or more members run
+    in one loop over the region of all their roots (or, where that loop is not there yet, in their
+    own); alone, a member keeps its own loop. The root is kept whole when it fits the budget, as
+    keep_inputs would, except with keep_loads (the loads are kept: shared_loads) or several members.
+    A chunk a loop leaves out (a short last one) is evaluated eagerly."""
     native = getattr(evaluator.fuser, "native", None)
     active = [m for m in members if m.root is not None]
     if not active:

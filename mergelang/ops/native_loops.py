@@ -67,7 +67,6 @@ def high_histogram(xbits, hist, shift):
 # of the next entry, the lowest and highest bin of the bracket, the entries seen above it, and
 # whether the bracket is known (then entries are counted and noted, not binned).
 NOTED, NEXT, LOWEST, HIGHEST, ABOVE, BRACKETED = range(6)
-STATE_SIZE = 6
 
 
 @jit
@@ -117,14 +116,17 @@ def _note16(typingctx, xbits, j, least, span, positions, bits, count, first):
     unsigned) written, compressed, at positions[count:] (flat index first + j + lane) and
     bits[count:] (b); (how many are in the bracket, how many above it). Both buffers must have room
     for 16 more. Vector code: the lanes' comparisons are masks, and only a group that holds an entry
-    of the bracket (about one in seven on the benchmark's deltas) compresses and stores."""
+    of the bracket (about one in seven on the benchmark's deltas) compresses and stores. The arrays
+    must be contiguous (uint32 entries, int64 notes)."""
+    if not all(isinstance(a, types.Array) and a.layout == "C" and a.ndim == 1 for a in (xbits, positions, bits)):
+        return None  # no such loop for strided arrays: numba reports the call as unsupported
     signature = types.UniTuple(types.int64, 2)(xbits, j, least, span, positions, bits, count, first)
 
     def codegen(context, builder, sig, args):
         from numba.core import cgutils
 
-        xs, jv, least_v, span_v, ps, bs, count_v, first_v = args
-        i1, i8, i16, i32, i64 = (ir.IntType(w) for w in (1, 8, 16, 32, 64))
+        _, jv, least_v, span_v, _, _, count_v, first_v = args
+        i1, i32, i64 = (ir.IntType(w) for w in (1, 32, 64))
         v16i32, v16i64, v8i64 = ir.VectorType(i32, 16), ir.VectorType(i64, 16), ir.VectorType(i64, 8)
         data = [context.make_array(t)(context, builder, a).data for t, a in zip(sig.args, args) if isinstance(t, types.Array)]
         x_data, p_data, b_data = data
@@ -179,8 +181,8 @@ def _count_noting_vector(xbits, state, positions, bits, shift):
 
 
 # count_noting: note_bracket, and state[ABOVE] += the entries whose bin lies above the bracket. In
-# vector code where LLVM has the compress intrinsic (from LLVM 19; numba 0.61's llvmlite has LLVM 15):
-# 0.33 against 0.72 ns per entry one at a time, with 1.5% of the entries noted.
+# vector code where llvmlite's LLVM has the compress intrinsic (LLVM 19 and later; with an older one,
+# one entry at a time): 0.33 against 0.72 ns per entry, with 1.5% of the entries noted.
 VECTOR_NOTES = llvm.llvm_version_info >= (19,)
 count_noting = _count_noting_vector if VECTOR_NOTES else _count_noting_scalar
 
