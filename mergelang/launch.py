@@ -8,9 +8,15 @@ makes thousands of such calls: `import mergelang.cli` mapped and unmapped 10,000
 0.1-0.15 s of its 1.4 s here, where the first touch of fresh memory is slow. Where the imports start
 decides how many: moved a few calls deeper, it was 800. Called from `_roomy`, whose frame reserves
 64 KB of stack slots, everything runs in one chunk of 128 KB taken once: 2 chunks mapped in all.
+
+For the commands that merge, a thread first reads ahead the files loaded after torch (prefetch.py).
 """
 
 from __future__ import annotations
+
+import sys
+
+from . import prefetch
 
 ROOM_SLOTS = 1 << 13  # stack slots of 8 bytes: a frame of 64 KB, so a chunk of 128 KB half free
 
@@ -22,7 +28,13 @@ def _roomy(command):
 _roomy.__code__ = _roomy.__code__.replace(co_stacksize=ROOM_SLOTS)
 
 
+MERGES = ("run", "demo")  # the commands that merge: they load numba and its loops after torch
+
+
 def entry() -> None:
+    if sys.argv[1:2] and sys.argv[1] in MERGES:
+        prefetch.start()
+
     def command() -> None:
         from .cli import entry as cli_entry
 

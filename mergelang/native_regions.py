@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from . import rng
-from .io.hashing import cache_dir
+from .paths import cache_dir
 from .ops import OPS, native
 from .ops.consensus import ZERO_SUM, _f32_sum
 from .ops.select import INDEX_BITS, KEEP_NONE

@@ -11,7 +11,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from . import ast
 from .diagnostics import SYNTAX, Diagnostic, MergelangError
-from .io.hashing import cache_dir
+from .paths import cache_dir
 from .resources import grammar_path
 
 _OPEN = {"LPAR", "LSQB", "LBRACE"}

@@ -14,7 +14,8 @@ from conftest import write_spec
 from mergelang import __version__
 from mergelang.api import RunOptions, run
 from mergelang.io.card import CardError, read_record, render_card, write_card
-from mergelang.io.hashing import HashCache, cache_dir, hash_file
+from mergelang.io.hashing import HashCache, hash_file
+from mergelang.paths import cache_dir
 
 SPEC = """\
 base = model("base")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergelang.io.safetensors_format import CheckpointError
+from mergelang.paths import cache_dir
 
 BLOCK = 8 << 20  # bytes per hashlib update: large enough that the GIL is released for most of the time
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -30,14 +31,6 @@ CACHE_LIMIT = 20_000  # entries kept; the oldest are dropped first
 class FileHash:
     size: int
     sha256: str
-
-
-def cache_dir() -> Path:
-    """MERGELANG_CACHE_DIR, else $XDG_CACHE_HOME/mergelang, else ~/.cache/mergelang."""
-    if os.environ.get("MERGELANG_CACHE_DIR"):
-        return Path(os.environ["MERGELANG_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mergelang"
 
 
 def hub_blob_sha256(path: Path) -> str | None:

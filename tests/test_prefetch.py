@@ -1,0 +1,84 @@
+"""The read-ahead of the files a merge loads after torch (prefetch.py, started by launch.py)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mergelang import launch, prefetch
+
+
+def test_the_files_are_the_compiled_modules_libraries_and_cached_loops(tmp_path, monkeypatch):
+    loops = tmp_path / "regions" / "__pycache__"
+    loops.mkdir(parents=True)
+    (tmp_path / "regions" / "mergelang_region_x.py").write_text("# source: not read ahead\n")
+    for k in range(4):  # 30 MB each, the newest last: the cap of 64 MB keeps the newest two
+        path = loops / f"mergelang_region_{k}.region-1.py311.nbc"
+        with open(path, "wb") as f:
+            f.truncate(30 << 20)
+        os.utime(path, (1000 + k, 1000 + k))
+    monkeypatch.setenv("MERGELANG_CACHE_DIR", str(tmp_path))
+    found = prefetch.files()
+    names = {p.name for p in found}
+    tag = sys.implementation.cache_tag
+    import numba
+    import networkx
+
+    numba_dir = Path(numba.__file__).parent
+    assert numba_dir / "__pycache__" / f"__init__.{tag}.pyc" in found
+    assert Path(networkx.__file__).parent / "__pycache__" / f"__init__.{tag}.pyc" in found
+    assert any(p.name.startswith("libllvmlite") for p in found)  # llvmlite's library
+    assert not any(p.suffix == ".py" for p in found)
+    assert {n for n in names if n.startswith("mergelang_region_")} == {
+        "mergelang_region_3.region-1.py311.nbc", "mergelang_region_2.region-1.py311.nbc"}
+
+
+def resident_pages(path: Path) -> tuple[int, int]:
+    """(pages of the file in the page cache, pages in all), by mincore(2) over a mapping of it."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        pages = (len(m) + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        anchor = ctypes.c_char.from_buffer(m)  # the mapping's address; no page is touched
+        assert libc.mincore(ctypes.addressof(anchor), len(m), vec) == 0, ctypes.get_errno()
+        del anchor
+        return sum(v & 1 for v in vec), pages
+    finally:
+        m.close()
+
+
+def test_reading_ahead_brings_whole_files_into_the_page_cache_and_skips_the_rest(tmp_path):
+    real = tmp_path / "f.bin"
+    real.write_bytes(os.urandom(24 << 20))  # several requests' steps, more than a read-ahead window
+    fd = os.open(real, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    if resident_pages(real)[0]:
+        pytest.skip("this file system keeps the file in memory whatever is advised")
+    prefetch.read_ahead([tmp_path / "missing", tmp_path, real])  # a folder opens but is not advised
+    deadline = time.monotonic() + 10
+    while resident_pages(real)[0] < resident_pages(real)[1] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert resident_pages(real)[0] == resident_pages(real)[1]
+
+
+@pytest.mark.parametrize("argv,started", [(["run", "x.ml"], True), (["demo", "d"], True),
+                                          (["check", "x.ml"], False), ([], False)])
+def test_only_the_merging_commands_read_ahead(monkeypatch, argv, started):
+    calls = []
+    monkeypatch.setattr(prefetch, "start", lambda: calls.append(time.monotonic()))
+    monkeypatch.setattr(launch, "_roomy", lambda command: None)  # the command itself is not run
+    monkeypatch.setattr(sys, "argv", ["mergelang", *argv])
+    launch.entry()
+    assert bool(calls) == started
