@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import tapped
 from .check import Plan, TensorPlan
 from .io import DTYPES, ShardedWriter
 from .io.torch_bin import BinCheckpoint
@@ -27,7 +28,6 @@ from .graph import Node, walk
 from .ops import OPS, KernelContext
 from .rng import derive_key
 from .schedule import is_leaf, region
-from . import tapped
 
 # Elements per chunk: 4 MB of float32. Each chunk costs Python and kernel calls on top of its
 # entries; since reads are mapped, halving that count pays more than a chunk's temporaries fitting

@@ -136,23 +136,22 @@ def note_bracket(x: torch.Tensor, state: torch.Tensor, positions: torch.Tensor, 
                  low_bits: int) -> bool:
     """native_loops.note_bracket over x (state, positions, bits: int64 CPU tensors); False where this
     loop does not apply (nothing noted)."""
-    loops = _loops() if _fits(x) else None
-    if loops is None:
-        return False
-    np = loops["np"]
-    loops["note_bracket"](_bits(x, np), state.numpy(), positions.numpy(), bits.numpy(), np.uint32(low_bits))
-    return True
+    return _first_pass_loop("note_bracket", x, state, positions, bits, low_bits)
 
 
 def count_noting(x: torch.Tensor, state: torch.Tensor, positions: torch.Tensor, bits: torch.Tensor,
                  low_bits: int) -> bool:
-    """native_loops.count_noting over x (state, positions, bits: int64 CPU tensors); False where this
-    loop does not apply (nothing counted or noted)."""
+    """native_loops.count_noting over x, as note_bracket (it also counts the entries above the bracket)."""
+    return _first_pass_loop("count_noting", x, state, positions, bits, low_bits)
+
+
+def _first_pass_loop(name: str, x: torch.Tensor, state: torch.Tensor, positions: torch.Tensor,
+                     bits: torch.Tensor, low_bits: int) -> bool:
     loops = _loops() if _fits(x) else None
     if loops is None:
         return False
     np = loops["np"]
-    loops["count_noting"](_bits(x, np), state.numpy(), positions.numpy(), bits.numpy(), np.uint32(low_bits))
+    loops[name](_bits(x, np), state.numpy(), positions.numpy(), bits.numpy(), np.uint32(low_bits))
     return True
 
 
