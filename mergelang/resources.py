@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .diagnostics import INPUT, Diagnostic, MergelangError
+
 _PACKAGE = Path(__file__).resolve().parent
 
 
@@ -12,7 +14,9 @@ def data_dir(name: str) -> Path:
     for candidate in (_PACKAGE / "_data" / name, _PACKAGE.parent / name):
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError(f"mergelang's {name}/ folder is missing from the installation ({_PACKAGE})")
+    # A diagnostic, not a FileNotFoundError: a caller reading a user's file must not report it as theirs.
+    raise MergelangError(Diagnostic(INPUT, f"mergelang's {name}/ folder is missing from the installation "
+                                           f"({_PACKAGE})", help="reinstall mergelang"))
 
 
 def grammar_path() -> Path:

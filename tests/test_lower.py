@@ -427,3 +427,24 @@ def test_explain_lists_the_folders_bound_with_model(family: Path, monkeypatch):
     args = ["examples/per_tensor.ml", "--tensor", "model.embed_tokens.weight", *_bind(family)]
     text = explain(args, REPO, family, monkeypatch)
     assert "  base = model('models/base')  # <models>/base\n" in text
+
+
+def test_a_missing_grammar_is_reported_as_the_installation_not_the_spec(tmp_path, monkeypatch):
+    """A spec that exists, read by an installation without its grammar/ folder: the diagnostic names
+    the installation (E007, reinstall), not `spec file not found`."""
+    from mergelang import parse, resources
+    from mergelang.diagnostics import MergelangError
+    from mergelang.lower import lower_file
+
+    spec = tmp_path / "spec.ml"
+    spec.write_text('a = model("a")\noutput a\n')
+    monkeypatch.setattr(resources, "_PACKAGE", tmp_path / "site-packages" / "mergelang")
+    parse._parser.cache_clear()
+    try:
+        with pytest.raises(MergelangError) as caught:
+            lower_file(spec)
+    finally:
+        parse._parser.cache_clear()  # built again from the real grammar by the next test
+    message = caught.value.diagnostics[0].message
+    assert "grammar/ folder is missing from the installation" in message and "spec file" not in message
+    assert caught.value.diagnostics[0].help == "reinstall mergelang"
