@@ -22,7 +22,7 @@ it off). Anything else stays with the eager path (or inductor, when asked for).
 
 A loop may also hand values of its region to a reduction as it computes them (taps: see
 tapped.py): block by block, the values go to a buffer in the L1 cache and from
-there to a loop of native_loops (an exact L1 sum, a top-k histogram), so `l1_ratio(x, keep_random(x))`
+there to a loop of native_loops (an exact L1 sum, a top-k select's first pass), so `l1_ratio(x, keep_random(x))`
 is one pass over x's inputs that also writes the kept values.
 
 The source of each region's loop goes in a file named by its digest under the cache folder

@@ -13,6 +13,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from .. import rng
+from .select import ABOVE, BRACKETED, HIGHEST, LOWEST, NEXT, NOTED  # the first pass's state (int64)
 
 ABS = np.uint32(0x7FFFFFFF)
 ZERO = np.uint32(0)
@@ -63,10 +64,6 @@ def high_histogram(xbits, hist, shift):
         hist[(xbits[j] & ABS) >> shift] += 1
 
 
-# The state of a select's first pass (int64): the entries seen in its bracket of bins, the flat index
-# of the next entry, the lowest and highest bin of the bracket, the entries seen above it, and
-# whether the bracket is known (then entries are counted and noted, not binned).
-NOTED, NEXT, LOWEST, HIGHEST, ABOVE, BRACKETED = range(6)
 
 
 @jit

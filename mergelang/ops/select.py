@@ -51,8 +51,9 @@ _LOW_MASK = (1 << LOW_BITS) - 1
 MAX_ENTRIES = 1 << INDEX_BITS
 KEEP_ALL = 0  # a cutoff below every key
 KEEP_NONE = (1 << 63) - 1  # a cutoff above every key
-# The state of the first pass (native_loops): entries noted, next flat index, lowest and highest bin
-# of the bracket, entries above it, whether it is known.
+# The state of the first pass (an int64 tensor, also native_loops'): the entries seen in the bracket
+# of bins, the flat index of the next entry, the lowest and highest bin of the bracket, the entries
+# seen above it, and whether the bracket is known (then entries are counted and noted, not binned).
 NOTED, NEXT, LOWEST, HIGHEST, ABOVE, BRACKETED = range(6)
 POSITIONS = 1 << 20  # entries of the bracket, or of the chosen high bin, whose places a pass notes (16 MB)
 _NO_ROOM = torch.empty(0, dtype=torch.int64)  # for a low histogram that notes no places
