@@ -115,7 +115,9 @@ def _generate(steps: tuple[Step, ...], kinds: tuple[str, ...], taps: tuple = (),
     `taps`: (step, loop, constants, array dimensions) for each value whose entries the loop also
     hands, block by block, to a loop of native_loops (a reduction's pass over it). `out`: "f32",
     or "bf16" for the output's chunks, rounded to nearest even as torch rounds them; that loop
-    returns whether a result is NaN (its bf16 bits are torch's to choose)."""
+    returns whether a result is NaN (its bf16 bits are torch's to choose). "none", for a tapped
+    loop run for its taps only: the root's entries are not stored (nor computed, where no tap
+    needs them): a joint first pass (tapped.py) spends no memory traffic on the sum of its roots."""
     w = _Writer()
     leaves = [i for i, s in enumerate(steps) if not s.inputs and s.node.op != "const"]
     if len(leaves) != len(kinds):
@@ -195,7 +197,7 @@ def _generate(steps: tuple[Step, ...], kinds: tuple[str, ...], taps: tuple = (),
         if out == "bf16":
             source += "    return nans\n"
         return source, random_steps
-    if out != "f32":
+    if out == "bf16":
         raise _Unsupported("a tapped loop writing bf16")
     # Block by block: the region's loop (vectorized: no stores but to out and the block buffers),
     # then each tap's loop over the block's bit patterns, in the L1 cache.
@@ -206,6 +208,8 @@ def _generate(steps: tuple[Step, ...], kinds: tuple[str, ...], taps: tuple = (),
             raise _Unsupported("a tap on a value that is not a float32 entry")
         extra = [f"A{k}_{a}" for a in range(len(dims))] + [f"np.uint32({c})" for c in constants]
         if step == root:
+            if out == "none":
+                raise _Unsupported("a tap on the root of a loop that does not store it")
             bits = "O.view(np.uint32)"
         else:
             source += f"    T{k} = np.empty(TAP_BLOCK, np.uint32)\n"
@@ -216,10 +220,13 @@ def _generate(steps: tuple[Step, ...], kinds: tuple[str, ...], taps: tuple = (),
     source += "        m = min(TAP_BLOCK, n - j0)\n"
     for name in arrays:
         source += f"        X{name[1:]} = {name}[j0:j0 + m]\n"
-    source += "        O = out[j0:j0 + m]\n"
+    stores = []
+    if out == "f32":
+        source += "        O = out[j0:j0 + m]\n"
+        stores.append(f"O[j] = {result}")
     source += "        for j in range(m):\n"  # indices the compiler knows are not negative: vectorized
     source += "            g = j0 + j\n"
-    for line in w.lines(False) + [f"O[j] = {result}"] + blocks:
+    for line in w.lines(False) + stores + blocks:
         source += f"            {line}\n"
     for line in calls:
         source += f"        {line}\n"
@@ -385,7 +392,8 @@ def _signature(kinds: tuple[str, ...], taps: tuple = (), out: str = "f32") -> tu
     """The argument types of a region's loop: the argument list that rows_of passes."""
     from numba import types
 
-    leaf = {"bf16": types.uint16[::1], "f32": types.float32[::1], "scalar": types.float32, "int": types.int64}
+    leaf = {"bf16": types.uint16[::1], "f32": types.float32[::1], "scalar": types.float32, "int": types.int64,
+            "none": types.float32[::1]}  # "none": the out of a loop that stores nothing (an empty array)
     arrays = [types.Array(types.int64, d, "C") for *_, dims in taps for d in dims]
     return (types.int64, types.int64, types.uint64, types.uint64[::1], *(leaf[k] for k in kinds),
             leaf[out], *arrays)
@@ -424,13 +432,14 @@ class NativeRegions:
         return device.type == "cpu" and os.environ.get(native.ENV, "1") != "0"
 
     def rows_of(self, evaluator, steps: tuple[Step, ...], r0: int, r1: int, out: torch.Tensor | None = None,
-                taps: tuple = (), wait: bool = False):
+                taps: tuple = (), wait: bool = False, taps_only: bool = False):
         """Rows [r0, r1) of the region's root as float32, written into `out` when it is a contiguous
         float32 CPU tensor of their shape (else into a new one); None where this region stays eager
         (nothing computed). `taps`: (step, loop of TAP_LOOPS, int64 CPU arrays, uint32 constants)
         for each value of the region whose rows the loop also passes to that loop with those
         arguments (a reduction's pass: see tapped.py). `wait`: for numba and for the loop where
-        another thread is loading or building them, instead of leaving the chunk eager."""
+        another thread is loading or building them, instead of leaving the chunk eager.
+        `taps_only`: the loop runs for its taps, storing nothing (`out` is ignored); True once it ran."""
         count = (r1 - r0) * evaluator.row_size
         if count < native.MIN_ELEMENTS or not self.may_run(evaluator.device) or not supported(steps):
             return None
@@ -468,7 +477,7 @@ class NativeRegions:
         # converted by torch), unless a result is NaN: then the chunk is computed again in float32.
         bf16 = (out is None and not taps and getattr(evaluator, "out_dtype", None) == torch.bfloat16
                 and steps[-1].node is evaluator.tp.graph)
-        loop = self._loop(steps, kinds, tap_key, "bf16" if bf16 else "f32", wait)
+        loop = self._loop(steps, kinds, tap_key, "none" if taps_only else "bf16" if bf16 else "f32", wait)
         if loop is None:
             return None
         leaves = [values[n] if n in values else evaluator.load_raw(n, r0, r1) for n in nodes]
@@ -500,10 +509,14 @@ class NativeRegions:
             if loop is None:
                 return None
             function, out = loop[0], None
+        tap_arrays = (a.numpy() for _, _, arrays, _ in taps for a in arrays)
+        if taps_only:
+            function(*call, np.empty(0, dtype=np.float32), *tap_arrays)
+            return True
         if out is None or tuple(out.shape) != shape or out.dtype != torch.float32 or out.device.type != "cpu" \
                 or not out.is_contiguous():
             out = torch.empty(shape, dtype=torch.float32)
-        function(*call, out.reshape(-1).numpy(), *(a.numpy() for _, _, arrays, _ in taps for a in arrays))
+        function(*call, out.reshape(-1).numpy(), *tap_arrays)
         return out
 
     def _loop(self, steps: tuple[Step, ...], kinds: tuple[str, ...], taps: tuple = (), out: str = "f32",

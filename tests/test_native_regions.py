@@ -457,6 +457,43 @@ def test_a_reduction_pass_inside_its_inputs_loop_gives_the_eager_bits(monkeypatc
         assert torch.isinf(results[1]).all() and torch.isnan(results[2]).all()
 
 
+def test_a_loop_run_for_its_taps_only_stores_nothing_and_taps_the_same_values():
+    """A joint first pass (tapped.py) needs its taps, not the sum of its roots: its loop ("none")
+    neither stores nor slices `out`, and hands the taps the values the storing loop hands them. A
+    tap on the root itself cannot go without the root's entries."""
+    from mergelang.ops.native_loops import bracket_pass
+    from mergelang.ops.select import HIGH_BITS, LOW_BITS
+
+    a, b, c = L("a"), L("b"), L("c")
+    x, y = Node("sub", [a, c]), Node("sub", [b, c])
+    steps = region(Node("sum", [x, y]))
+    index = {s.node: i for i, s in enumerate(steps)}
+    taps = tuple((index[v], "bracket_pass", (LOW_BITS,), (1, 1, 1, 1)) for v in (x, y))
+    data = _data(SHAPE, seed=4)
+    n = SHAPE[0] * SHAPE[1]
+    leaves = [data[s.node.attr("model")].float().reshape(-1).numpy() for s in steps if s.node.op == "load"]
+    kinds = tuple("f32" for _ in leaves)
+    results = {}
+    for out in ("f32", "none"):
+        source, _ = native_regions._generate(steps, kinds, taps, out)
+        namespace = {"numba": types.SimpleNamespace(njit=lambda **kw: (lambda f: f))}  # run as Python
+        exec(compile(source.replace("import numba\n", ""), "<region>", "exec"), namespace)
+        arrays = [[np.zeros(1 << HIGH_BITS, np.int64), np.array([0, 0, 1 << HIGH_BITS, 1 << HIGH_BITS, 0, 0]),
+                   np.zeros(n, np.int64), np.zeros(n, np.int64)] for _ in taps]
+        stored = np.zeros(n if out == "f32" else 0, np.float32)
+        namespace["region"](n, 0, np.uint64(0), np.zeros(0, np.uint64), *leaves, stored,
+                                    *(a for tap in arrays for a in tap))
+        results[out] = arrays
+        assert ("O[j] =" in source) == (out == "f32") and ("out[" in source) == (out == "f32")
+    assert all(np.array_equal(p, q) for got, want in zip(results["none"], results["f32"]) for p, q in zip(got, want))
+    hist = results["none"][0][0]
+    assert hist.sum() == n  # the first histogram of x: every entry binned
+    root_tap = ((len(steps) - 1, "bracket_pass", (LOW_BITS,), (1, 1, 1, 1)),)
+    with pytest.raises(native_regions._Unsupported):
+        native_regions._generate(steps, kinds, root_tap, "none")
+    assert "O.view(np.uint32)" in native_regions._generate(steps, kinds, root_tap, "f32")[0]
+
+
 def test_a_reduction_whose_inputs_no_loop_computes_together_is_not_tapped():
     """l1_ratio(x, y) of two unrelated values: no input's region holds the other, the pass is eager."""
     data = _data(SHAPE)

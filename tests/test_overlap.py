@@ -145,6 +145,16 @@ def test_tapped_reductions_keep_their_loads_and_read_each_input_once(family, tmp
             return real_loop(self, *args)
 
     monkeypatch.setattr(NativeRegions, "_loop", one_build_at_a_time)
+    joint_runs: list = []  # what each joint loop's call returned (a loop run for its taps only: True)
+    real_rows_of = NativeRegions.rows_of
+
+    def rows_of(self, *args, taps_only=False, **kwargs):
+        ran = real_rows_of(self, *args, taps_only=taps_only, **kwargs)
+        if taps_only:
+            joint_runs.append(ran)
+        return ran
+
+    monkeypatch.setattr(NativeRegions, "rows_of", rows_of)
     spec = write_spec(tmp_path, f'base = model("{family / "base"}")\nft0 = model("{family / "ft0"}")\n'
                                 f'ft1 = model("{family / "ft1"}")\n'
                                 "output dare_linear(base, [ft0, ft1], weights=[0.6, 0.4], density=0.7) + "
@@ -180,6 +190,7 @@ def test_tapped_reductions_keep_their_loads_and_read_each_input_once(family, tmp
     # delta, no mask kept whole: the loads are.
     assert tapped and all(all(done) for done in tapped.values())
     assert set(groups) == {4} and joints and set(joints) == {4}
+    assert joint_runs and set(joint_runs) == {True}  # the joint loops ran, storing no sum of the roots
     assert not [n for ev in tapped for n in ev.cache if OPS[n.op].kind == "elementwise"]
     size = sum(info.nbytes for info in Checkpoint.open(family / "base").tensors.values())
     assert reads[2, "auto"] == {"base": size, "ft0": size, "ft1": size}
