@@ -256,7 +256,8 @@ def test_loading_the_loops_does_not_import_scipy_linalg():
 def test_counting_and_noting_match_torch(monkeypatch, room, bins):
     """count_noting, in vector code (16 entries at a time) and one entry at a time, against torch:
     the entries above the bracket, and the place and bits of those in it while the notes have room
-    (and nothing written past it), continuing the counts and flat indices of the state it is given."""
+    (and nothing written past it), continuing the counts and flat indices of the state it is given.
+    note_bracket (a first chunk's notes, native and torch) notes the same and counts nothing above."""
     import numpy as np
 
     from mergelang.ops import native_loops
@@ -273,20 +274,21 @@ def test_counting_and_noting_match_torch(monkeypatch, room, bins):
     inside = torch.nonzero((high >= lowest) & (high <= highest)).flatten()
     noted = min(room, 3 + inside.numel()) - 3
     assert noted > 0 and (noted < inside.numel()) == (room < inside.numel() + 3)
-    ways = ["scalar", "torch"] + (["vector"] if native_loops.VECTOR_NOTES else [])
+    ways = ["scalar", "torch", "note", "torch note"] + (["vector"] if native_loops.VECTOR_NOTES else [])
     for way in ways:
         state = torch.tensor([3, 1000, lowest, highest, 7, 1], dtype=torch.int64)
         positions, magnitudes = (torch.full((room + 64,), -1, dtype=torch.int64) for _ in range(2))
-        if way == "torch":
+        if way.startswith("torch"):
             monkeypatch.setenv(native.ENV, "0")
-            S.count_noting(x, state, positions[:room], magnitudes[:room])
+            (S.note_bracket if way == "torch note" else S.count_noting)(x, state, positions[:room], magnitudes[:room])
             monkeypatch.delenv(native.ENV)
         else:
-            loop = native_loops._count_noting_vector if way == "vector" else native_loops._count_noting_scalar
+            loop = {"vector": native_loops._count_noting_vector, "scalar": native_loops._count_noting_scalar,
+                    "note": native_loops.note_bracket}[way]
             loop(x.view(torch.int32).numpy().view(np.uint32), state.numpy(), positions[:room].numpy(),
                  magnitudes[:room].numpy(), np.uint32(S.LOW_BITS))
-        assert state.tolist() == [3 + inside.numel(), 1000 + x.numel(), lowest, highest,
-                                  7 + int((high > highest).sum()), 1], way
+        above = 0 if "note" in way else int((high > highest).sum())
+        assert state.tolist() == [3 + inside.numel(), 1000 + x.numel(), lowest, highest, 7 + above, 1], way
         assert torch.equal(positions[3:3 + noted], inside[:noted] + 1000), way
         assert torch.equal(magnitudes[3:3 + noted], m[inside[:noted]]), way
         assert (positions[:3] == -1).all() and (positions[room:] == -1).all(), way

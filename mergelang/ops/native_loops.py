@@ -91,16 +91,6 @@ def _count_noting_from(xbits, j, state, positions, bits, shift, count, above):
 
 
 @jit
-def note_bracket(xbits, state, positions, bits, shift):
-    """For each entry whose bin (magnitude bits >> shift) lies in the bracket of `state`: its flat
-    index (state[NEXT] + j) and magnitude bits written at positions[state[NOTED]], bits[state[NOTED]]
-    while they have room. state[NOTED] counts them all; state[NEXT] moves past xbits."""
-    count, _ = _count_noting_from(xbits, 0, state, positions, bits, shift, state[NOTED], 0)
-    state[NOTED] = count
-    state[NEXT] += xbits.shape[0]
-
-
-@jit
 def _count_noting_scalar(xbits, state, positions, bits, shift):
     count, above = _count_noting_from(xbits, 0, state, positions, bits, shift, state[NOTED], state[ABOVE])
     state[NOTED], state[ABOVE] = count, above
@@ -182,6 +172,18 @@ def _count_noting_vector(xbits, state, positions, bits, shift):
 # one entry at a time): 0.33 against 0.72 ns per entry, with 1.5% of the entries noted.
 VECTOR_NOTES = llvm.llvm_version_info >= (19,)
 count_noting = _count_noting_vector if VECTOR_NOTES else _count_noting_scalar
+
+
+@jit
+def note_bracket(xbits, state, positions, bits, shift):
+    """For each entry whose bin (magnitude bits >> shift) lies in the bracket of `state`: its flat
+    index (state[NEXT] + j) and magnitude bits written at positions[state[NOTED]], bits[state[NOTED]]
+    while they have room. state[NOTED] counts them all; state[NEXT] moves past xbits. count_noting's
+    loop, leaving state[ABOVE] as it was (a first chunk's entries above the bracket are counted in
+    its histogram): 1.1 against 0.33 ns per entry one at a time, in a select's first chunk."""
+    above = state[ABOVE]
+    count_noting(xbits, state, positions, bits, shift)
+    state[ABOVE] = above
 
 
 @jit
