@@ -231,3 +231,20 @@ def test_keep_top_bits_in_every_chunk(chunk):
         got = torch.cat([kernel(KernelContext(start=s), x[s:s + chunk], torch.tensor(key))
                          for s in range(0, x.numel(), chunk)])
         assert torch.equal(got.view(torch.int32), want), rank
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=40), st.data())
+def test_picks_find_the_bin_of_each_rank_and_the_rank_within_it(counts, data):
+    """_picks against the histogram written out as its values, largest first: the value of rank r
+    (1-based) is its bin, and its rank within the bin is r minus the entries of larger bins. Empty
+    bins, the first and last rank, and several ranks at once."""
+    total = sum(counts)
+    if total == 0:
+        return
+    values = sorted((b for b, c in enumerate(counts) for _ in range(c)), reverse=True)
+    ranks = [1, total] + data.draw(st.lists(st.integers(1, total), max_size=4))
+    got = select._picks(torch.tensor(counts, dtype=torch.int64), ranks)
+    want = [(values[r - 1], r - sum(1 for v in values if v > values[r - 1])) for r in ranks]
+    assert got == want
+    assert [select._pick(torch.tensor(counts, dtype=torch.int64), r) for r in ranks] == want

@@ -225,15 +225,22 @@ def key_index(key: int) -> int:
     return _INDEX_MASK - (key & _INDEX_MASK)
 
 
+def _picks(hist: torch.Tensor, ranks: list[int]) -> list[tuple[int, int]]:
+    """For each rank (1-based, at most the histogram's total): the bin that holds the rank-th
+    largest value of a histogram, and the rank that value has within its bin. One cumulative sum
+    serves them all: bin b holds rank r when the entries of the bins below it, c[b - 1], are at
+    most total - r and those up to it, c[b], more."""
+    below = hist.cumsum(0)
+    total = int(below[-1].item())
+    targets = torch.tensor([total - r for r in ranks], dtype=below.dtype, device=below.device)
+    bins = torch.searchsorted(below, targets, right=True).tolist()
+    ends = below[torch.tensor(bins, device=below.device)].tolist()  # entries up to each bin
+    return [(b, r - (total - end)) for b, r, end in zip(bins, ranks, ends)]
+
+
 def _pick(hist: torch.Tensor, rank: int) -> tuple[int, int]:
-    """The bin that holds the `rank`-th largest value (1-based) of a histogram, and the rank
-    that value has within its bin."""
-    from_top = hist.flip(0).cumsum(0)
-    target = torch.tensor([rank], dtype=from_top.dtype, device=from_top.device)
-    j = int(torch.searchsorted(from_top, target).item())
-    b = hist.numel() - 1 - j
-    before = int(from_top[j].item()) - int(hist[b].item())
-    return b, rank - before
+    """_picks for one rank."""
+    return _picks(hist, [rank])[0]
 
 
 class RankCutoff:
@@ -318,8 +325,8 @@ class RankCutoff:
         POSITIONS), and the high and low passes run."""
         share = min(count, max(1, round(self.rank * count / self.n)))
         spread = count // 512 + 1
-        self.state[LOWEST] = _pick(self.hist, min(count, share + spread))[0]  # the smaller magnitudes
-        self.state[HIGHEST] = _pick(self.hist, max(1, share - spread))[0]
+        (lowest, _), (highest, _) = _picks(self.hist, [min(count, share + spread), max(1, share - spread)])
+        self.state[LOWEST], self.state[HIGHEST] = lowest, highest  # lowest: the smaller magnitudes
         self.state[BRACKETED] = 1
         self.binned = count
 
