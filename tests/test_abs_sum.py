@@ -82,6 +82,7 @@ def test_blocks_of_tiny_wide_and_edge_magnitudes(monkeypatch, native_on):
     edge = torch.full((n,), 2.0**-18) * torch.randint(1, 4, (n,), generator=g)
     edge[::2048] = 1.0  # every block's largest: 2^-18 is its window's smallest binade, 2^-19 below it
     edge[1::4096] = 2.0**-19 - 2.0**-43
+    edge[2050::4096] = 2.0**-18 - 2.0**-42  # the largest magnitude below the window, alone in its blocks
     for x in (tiny, wide, edge, torch.cat([tiny, wide, edge])):
         want = math.fsum(abs(v) for v in x.tolist())
         for chunk in (x.numel(), native.MIN_ELEMENTS + 13):

@@ -17,6 +17,7 @@ from .select import ABOVE, BRACKETED, HIGHEST, LOWEST, NEXT, NOTED  # the first 
 
 ABS = np.uint32(0x7FFFFFFF)
 ZERO = np.uint32(0)
+ONE = np.uint32(1)
 
 jit = numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=False)
 
@@ -349,20 +350,28 @@ def _bin_entries(xbits, bins, flags, below):
                 flags[1] = 1
 
 
-@numba.njit(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc"})
-def _window_sum(xbits, low):
-    """(Σ |x_j| in float64 over the entries whose exponent field is at least `low`, how many nonzero
-    entries have a lower one). Exact whatever the order of the additions (so it may be vectorized):
-    see abs_sum_bins."""
-    least = np.uint32(np.uint32(low) << np.uint32(23))  # the smallest magnitude bits in the window
-    total = 0.0
-    below = 0
+@jit
+def _extremes(xbits):
+    """(the largest magnitude bits, the smallest nonzero ones minus one: 2^32 - 1 when all are
+    zero), in one vectorized pass."""
+    top, least = ZERO, np.uint32(0xFFFFFFFF)
     for j in range(xbits.shape[0]):
         b = np.uint32(xbits[j] & ABS)
-        inside = b >= least
-        total += np.float64(b.view(np.float32)) if inside else 0.0
-        below += 1 if (not inside) and b != ZERO else 0
-    return total, below
+        top = max(top, b)
+        least = min(least, np.uint32(b - ONE))
+    return top, least
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc"})
+def _window_total(xbits, least):
+    """Σ |x_j| in float64 over the entries whose magnitude bits are at least `least` (an exponent
+    field's first). Exact whatever the order of the additions (so it may be vectorized): see
+    abs_sum_bins."""
+    total = 0.0
+    for j in range(xbits.shape[0]):
+        b = np.uint32(xbits[j] & ABS)
+        total += np.float64(b.view(np.float32)) if b >= least else 0.0
+    return total
 
 
 @jit
@@ -374,22 +383,23 @@ def abs_sum_bins(xbits, bins, flags):
     Block by block: the entries within WINDOW fields of the block's largest are multiples of its
     unit 2^(low - 150) below 2^42 units, so their float64 sum is an exact integer k < 2^53 of units
     in any order (a vectorized loop); k goes into the bins of `low` and `low + WINDOW` (2^WINDOW
-    units of `low` each), below 2^35 per block. The smaller nonzero entries, rare, and blocks
-    holding specials or only tiny values take the entry-by-entry loop."""
+    units of `low` each), below 2^35 per block. The smaller nonzero entries, rare (the block's
+    smallest nonzero magnitude tells), and blocks holding specials or only tiny values take the
+    entry-by-entry loop. Two vectorized passes over the block (in the L1 cache): its extremes,
+    then the window's sum; 0.32 ns per entry, against 0.42 counting the entries below the window
+    in the sum's loop."""
     n = xbits.shape[0]
     for a in range(0, n, SUM_BLOCK):
         block = xbits[a:min(n, a + SUM_BLOCK)]
-        top = ZERO
-        for j in range(block.shape[0]):
-            top = max(top, np.uint32(block[j] & ABS))
+        top, least_nonzero = _extremes(block)  # least_nonzero: the smallest nonzero one minus one
         high = np.uint32(top >> np.uint32(23))
         if high == SPECIAL or high <= WINDOW:
             _bin_entries(block, bins, flags, np.uint32(256))
             continue
         low = np.uint32(high - np.uint32(WINDOW))
-        total, below = _window_sum(block, low)
-        k = np.int64(math.ldexp(total, 150 - np.int64(low)))
+        least = np.uint32(low << np.uint32(23))  # the smallest magnitude bits in the window (>= 2^23)
+        k = np.int64(math.ldexp(_window_total(block, least), 150 - np.int64(low)))
         bins[0, low] += k & LOW_MASK
         bins[0, high] += k >> np.int64(WINDOW)
-        if below:
+        if least_nonzero < least - ONE:  # a nonzero magnitude below the window
             _bin_entries(block, bins, flags, low)
