@@ -130,6 +130,44 @@ def test_reads_are_mapped_until_freed(single: Path):
     assert _mappings_of(path) == before
 
 
+def test_a_mapped_read_reads_its_range_ahead_without_holding_the_gil(tmp_path: Path, monkeypatch):
+    """A mapped read advises MADV_WILLNEED over its mapping through libc (the call releases the
+    GIL): of the file's 24 MB, evicted, the start comes back into the page cache (one read-ahead
+    window) before any page is touched; with the advice taken away, nothing does."""
+    import time
+
+    import mergelang.io.checkpoint as checkpoint
+    from test_prefetch import resident_pages
+
+    if checkpoint._MADVISE is None:
+        pytest.skip("no libc madvise here")
+    save_file({"w": torch.arange(6 << 20, dtype=torch.float32)}, str(tmp_path / "model.safetensors"))
+    path = tmp_path / "model.safetensors"
+
+    def evicted() -> bool:
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        return resident_pages(path)[0] == 0
+
+    def resident_after_read() -> int:
+        ckpt = Checkpoint.open(tmp_path)  # reads the header: its page comes back
+        assert evicted()
+        held = ckpt.read("w")  # mapped, not touched
+        time.sleep(0.5)
+        found = resident_pages(path)[0]
+        del held
+        ckpt.close()
+        return found
+
+    if not evicted():
+        pytest.skip("this file system keeps the file in memory whatever is advised")
+    assert resident_after_read() >= 256  # 1 MB at least
+    monkeypatch.setattr(checkpoint, "_MADVISE", lambda address, length, advice: 0)  # advice not given
+    assert resident_after_read() <= 1  # the header's page, read by open
+
+
 def test_unmappable_file_is_read_with_pread(single: Path, monkeypatch):
     import mergelang.io.checkpoint as checkpoint
 
