@@ -90,7 +90,8 @@ def first_passes(evaluator, members: list[Member]) -> list[bool]:
     then gets the root's values of that chunk), waiting for it where another thread is loading it;
     a member whose loop refuses the chunk is left out. The later chunks of two or more members run
     in one loop over the region of all their roots (or, where that loop is not there yet, in their
-    own); alone, a member keeps its own loop. The root is kept whole when it fits the budget, as
+    own), and so does the first where no member has a `tapped_chunk` (sums); alone, a member keeps
+    its own loop. The root is kept whole when it fits the budget, as
     keep_inputs would, except with keep_loads (the loads are kept: shared_loads) or several members.
     A chunk a loop leaves out (a short last one) is evaluated eagerly."""
     native = getattr(evaluator.fuser, "native", None)
@@ -103,6 +104,9 @@ def first_passes(evaluator, members: list[Member]) -> list[bool]:
         whole = torch.empty(evaluator.shape, dtype=torch.float32, device=evaluator.device)
     scratch = None
     joint = None  # (steps, taps) of the loop over every active member's root
+    # A select picks its bracket from its own first chunk's values (tapped_chunk); sums need none,
+    # so where no member has a first chunk of its own the joint loop takes the first chunk too.
+    first_alone = any(hasattr(m.reducer, "tapped_chunk") for m in active)
     for r0, r1 in evaluator.chunks():
         if whole is not None:
             part = whole[r0:r1]
@@ -112,10 +116,10 @@ def first_passes(evaluator, members: list[Member]) -> list[bool]:
                 scratch = torch.empty(min(evaluator.rows, evaluator.chunk_rows()) * evaluator.row_size,
                                       dtype=torch.float32)
             part = scratch[:(r1 - r0) * evaluator.row_size].view((r1 - r0,) + tuple(evaluator.shape[1:]))
-        if r0 > 0 and len(active) > 1:
+        if len(active) > 1 and (r0 > 0 or not first_alone):
             if joint is None:
                 joint = _joint(evaluator, active)
-            if native.rows_of(evaluator, joint[0], r0, r1, taps=joint[1], taps_only=True) is not None:
+            if native.rows_of(evaluator, joint[0], r0, r1, taps=joint[1], taps_only=True, wait=r0 == 0) is not None:
                 continue
         for m in list(active):
             # the first chunk waits for numba or a loop another thread is loading: left eager, the

@@ -195,3 +195,45 @@ def test_tapped_reductions_keep_their_loads_and_read_each_input_once(family, tmp
     size = sum(info.nbytes for info in Checkpoint.open(family / "base").tensors.values())
     assert reads[2, "auto"] == {"base": size, "ft0": size, "ft1": size}
     assert outputs[2, "auto"] == outputs[1, "auto"] == outputs[2, "never"]
+
+
+def test_sums_take_their_first_chunk_in_the_joint_loop_too(family, tmp_path, monkeypatch):
+    """dare_linear's two pairs of l1 sums need no first chunk of their own (a select's bracket does):
+    side by side with loops, every chunk of their first pass, the first included, runs in the one
+    loop over both deltas, and no member's own loop runs; the bytes are those of the eager path.
+    With a select among them (ties), each member's first chunk keeps its own loop."""
+    from conftest import write_spec
+    from mergelang.api import RunOptions, run
+    from mergelang.native_regions import NativeRegions
+    from mergelang.ops import native
+
+    monkeypatch.setattr(native, "MIN_ELEMENTS", 1)
+    monkeypatch.setenv("MERGELANG_CACHE_DIR", str(tmp_path / "cache"))
+    assert native._loops() is not None
+    calls: list[tuple[bool, int]] = []  # (a joint loop, first row) of each tapped loop's chunk
+    real_rows_of = NativeRegions.rows_of
+
+    def rows_of(self, evaluator, steps, r0, r1, out=None, taps=(), wait=False, taps_only=False):
+        if taps:
+            calls.append((taps_only, r0))
+        return real_rows_of(self, evaluator, steps, r0, r1, out, taps, wait, taps_only)
+
+    monkeypatch.setattr(NativeRegions, "rows_of", rows_of)
+    models = f'base = model("{family / "base"}")\nft0 = model("{family / "ft0"}")\nft1 = model("{family / "ft1"}")\n'
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        got = {}
+        for method, extra in (("dare_linear", "density=0.7"), ("ties", "density=0.5")):
+            spec = write_spec(tmp_path, models + f"output {method}(base, [ft0, ft1], weights=[0.6, 0.4], {extra})\n",
+                              name=f"{method}.ml")
+            calls.clear()
+            got[method] = [(run(spec, tmp_path / f"{method}{mode}", RunOptions(chunk=512, compile=mode))
+                            / "model.safetensors").read_bytes() for mode in ("auto", "never")]
+            got[method + " calls"] = list(calls)
+    finally:
+        torch.set_num_threads(threads)
+    sums, selects = got["dare_linear calls"], got["ties calls"]
+    assert sums and all(joint for joint, _ in sums) and any(r0 == 0 for _, r0 in sums)
+    assert any(not joint and r0 == 0 for joint, r0 in selects) and any(joint for joint, _ in selects)
+    assert got["dare_linear"][0] == got["dare_linear"][1] and got["ties"][0] == got["ties"][1]
