@@ -244,3 +244,28 @@ def test_an_error_writing_a_run_reaches_the_writer_and_stops_the_writes(tmp_path
     assert caught.value.errno == errno.ENOSPC
     file.abort()
     assert offsets == [0, PAGE]
+
+
+@needs_o_direct
+@pytest.mark.parametrize("big_copy", [1, output_file.BIG_COPY])
+def test_large_copies_into_staging_leave_the_gil_and_give_the_bytes_written(tmp_path: Path, monkeypatch, big_copy):
+    """Writable pieces from BIG_COPY bytes on are copied into staging memory by ctypes.memmove (which
+    releases the GIL); the file holds the bytes written, pieces shuffled and straddling pages, with
+    every copy through memmove (big_copy=1) and with only the large ones (the default)."""
+    import ctypes
+
+    moved: list[int] = []
+    real = ctypes.memmove
+    monkeypatch.setattr(ctypes, "memmove", lambda dst, src, n: moved.append(n) or real(dst, src, n))
+    large = output_file.BIG_COPY
+    monkeypatch.setattr(output_file, "BIG_COPY", big_copy)
+    size = 3 * large + 5 * PAGE + 123
+    data = random.Random(7).randbytes(size)
+    path = tmp_path / "out.bin"
+    file = direct_file(path, size, 2 * large, 3)  # room for a large copy into a run
+    cuts = [1, PAGE - 1, PAGE + 5, large + 17, 2 * large + PAGE, size - 9]
+    for offset, part in pieces(data, cuts, seed=3):
+        file.write(memoryview(bytearray(part)), offset)
+    file.close()
+    assert path.read_bytes() == data
+    assert moved and min(moved) >= big_copy and max(moved) >= large
