@@ -269,3 +269,29 @@ def test_large_copies_into_staging_leave_the_gil_and_give_the_bytes_written(tmp_
     file.close()
     assert path.read_bytes() == data
     assert moved and min(moved) >= big_copy and max(moved) >= large
+
+
+def test_the_disk_thread_lingers_between_runs_and_ends_when_idle(monkeypatch):
+    """Jobs that come while the disk thread waits for more run on that one thread, in order; once
+    nothing has come for LINGER_S it ends, and the next job starts another."""
+    import time
+
+    monkeypatch.setattr(output_file, "LINGER_S", 0.3)
+    flusher = output_file.Flusher(2)
+    ran: list[tuple[int, threading.Thread]] = []  # the thread objects themselves: idents are reused
+
+    def disk_threads() -> int:
+        return sum(t.name == "mergelang-disk" for t in threading.enumerate())
+
+    for i in range(5):
+        flusher.submit(lambda i=i: ran.append((i, threading.current_thread())))
+        flusher.wait()
+        time.sleep(0.02)  # the thread is idle here, waiting for the next job
+    assert [i for i, _ in ran] == list(range(5)) and all(t is ran[0][1] for _, t in ran)
+    deadline = time.monotonic() + 5
+    while disk_threads() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert disk_threads() == 0
+    flusher.submit(lambda: ran.append((5, threading.current_thread())))
+    flusher.wait()
+    assert ran[-1][0] == 5 and ran[-1][1] is not ran[0][1]
