@@ -461,7 +461,6 @@ def test_a_loop_run_for_its_taps_only_stores_nothing_and_taps_the_same_values():
     """A joint first pass (tapped.py) needs its taps, not the sum of its roots: its loop ("none")
     neither stores nor slices `out`, and hands the taps the values the storing loop hands them. A
     tap on the root itself cannot go without the root's entries."""
-    from mergelang.ops.native_loops import bracket_pass
     from mergelang.ops.select import HIGH_BITS, LOW_BITS
 
     a, b, c = L("a"), L("b"), L("c")

@@ -223,17 +223,17 @@ def test_sums_take_their_first_chunk_in_the_joint_loop_too(family, tmp_path, mon
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        got = {}
+        outputs, tapped_calls = {}, {}
         for method, extra in (("dare_linear", "density=0.7"), ("ties", "density=0.5")):
             spec = write_spec(tmp_path, models + f"output {method}(base, [ft0, ft1], weights=[0.6, 0.4], {extra})\n",
                               name=f"{method}.ml")
             calls.clear()
-            got[method] = [(run(spec, tmp_path / f"{method}{mode}", RunOptions(chunk=512, compile=mode))
-                            / "model.safetensors").read_bytes() for mode in ("auto", "never")]
-            got[method + " calls"] = list(calls)
+            outputs[method] = [(run(spec, tmp_path / f"{method}{mode}", RunOptions(chunk=512, compile=mode))
+                                / "model.safetensors").read_bytes() for mode in ("auto", "never")]
+            tapped_calls[method] = list(calls)
     finally:
         torch.set_num_threads(threads)
-    sums, selects = got["dare_linear calls"], got["ties calls"]
+    sums, selects = tapped_calls["dare_linear"], tapped_calls["ties"]
     assert sums and all(joint for joint, _ in sums) and any(r0 == 0 for _, r0 in sums)
     assert any(not joint and r0 == 0 for joint, r0 in selects) and any(joint for joint, _ in selects)
-    assert got["dare_linear"][0] == got["dare_linear"][1] and got["ties"][0] == got["ties"][1]
+    assert all(native == eager for native, eager in outputs.values())

@@ -65,8 +65,6 @@ def high_histogram(xbits, hist, shift):
         hist[(xbits[j] & ABS) >> shift] += 1
 
 
-
-
 @jit
 def _bracket_bounds(state, shift):
     """The bracket of `state` as magnitude bits: its least, its span (the greatest is least + span,
