@@ -27,7 +27,9 @@ is one pass over x's inputs that also writes the kept values.
 
 The source of each region's loop goes in a file named by its digest under the cache folder
 (MERGELANG_CACHE_DIR, else $XDG_CACHE_HOME/mergelang or ~/.cache/mergelang), where numba keeps
-the machine code beside it; a folder that cannot be written leaves numba compiling once per run.
+its cache beside it, and the loop's machine code, which later runs link without numba, in the
+folder's loops/ (ops/machine_code.py); a folder that cannot be written leaves numba compiling once
+per run.
 """
 
 from __future__ import annotations
@@ -41,11 +43,12 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import rng
 from .paths import cache_dir
-from .ops import OPS, native
+from .ops import OPS, machine_code, native
 from .ops.consensus import ZERO_SUM, _f32_sum
 from .ops.select import INDEX_BITS, KEEP_NONE
 from .schedule import Step
@@ -260,9 +263,8 @@ def _imports(taps: tuple, random: bool) -> str:
         return ""
     if any(loop not in TAP_LOOPS for _, loop, _, _ in taps):
         raise _Unsupported("a tap on an unknown loop")
-    source = Path(native.__file__).with_name("native_loops.py").read_bytes()
-    return (f"from mergelang.ops.native_loops import {', '.join(names)}  # "
-            f"{hashlib.sha256(source).hexdigest()[:16]}\n" + (f"TAP_BLOCK = {TAP_BLOCK}\n" if taps else ""))
+    return (f"from mergelang.ops.native_loops import {', '.join(names)}  # {native.sources_digest()}\n"
+            + (f"TAP_BLOCK = {TAP_BLOCK}\n" if taps else ""))
 
 
 class _Arg:
@@ -388,15 +390,14 @@ def _emit(w: _Writer, op: str, i: int, inputs: list[_Arg], p: dict, random_steps
 BUILDING = object()
 
 
-def _signature(kinds: tuple[str, ...], taps: tuple = (), out: str = "f32") -> tuple:
-    """The argument types of a region's loop: the argument list that rows_of passes."""
-    from numba import types
-
-    leaf = {"bf16": types.uint16[::1], "f32": types.float32[::1], "scalar": types.float32, "int": types.int64,
-            "none": types.float32[::1]}  # "none": the out of a loop that stores nothing (an empty array)
-    arrays = [types.Array(types.int64, d, "C") for *_, dims in taps for d in dims]
-    return (types.int64, types.int64, types.uint64, types.uint64[::1], *(leaf[k] for k in kinds),
-            leaf[out], *arrays)
+def _types(kinds: tuple[str, ...], taps: tuple = (), out: str = "f32") -> tuple[tuple[str, ...], str | None]:
+    """The C signature of a region's loop (machine_code.py): the argument list that rows_of passes,
+    and the result (whether a bf16 result is NaN)."""
+    leaf = {"bf16": "u16[]", "f32": "f32[]", "scalar": "f32", "int": "i64",
+            "none": "f32[]"}  # "none": the out of a loop that stores nothing (an empty array)
+    arrays = ["i64[" + "," * (d - 1) + "]" for *_, dims in taps for d in dims]
+    return ("i64", "i64", "u64", "u64[]", *(leaf[k] for k in kinds), leaf[out], *arrays), \
+        "bool" if out == "bf16" else None
 
 
 def supported(steps: tuple[Step, ...]) -> bool:
@@ -416,7 +417,7 @@ def _leaf_kind(value, count: int) -> str | None:
 
 
 class NativeRegions:
-    """The native loops of one run: generated, compiled (or loaded from numba's cache) once per
+    """The native loops of one run: generated, compiled (or linked from stored machine code) once per
     region and leaf kinds, shared by the threads that evaluate tensors side by side."""
 
     def __init__(self):
@@ -447,8 +448,7 @@ class NativeRegions:
         if (start >> 32) != ((start + count - 1) >> 32) and any(
                 s.inputs and OPS[s.node.op].random for s in steps):
             return None  # the chunk spans two 2^32 blocks of rng keys: eager handles that
-        loops = native._loops(wait)
-        if loops is None:
+        if native.jit_disabled():
             return None
         if getattr(evaluator.read, "raw", None) is None:
             return None
@@ -484,7 +484,6 @@ class NativeRegions:
         if any(_leaf_kind(v, count) != k for v, k in zip(leaves, kinds)):
             return None  # a load of another shape than the region's chunk: eager
         function, random_steps = loop
-        np = loops["np"]
         keys = []
         for i in random_steps:
             key = rng.derive_key(evaluator.options.seed, evaluator.tp.name, bytes.fromhex(steps[i].node.attr("key")))
@@ -554,8 +553,7 @@ class NativeRegions:
             log.debug("region stays eager: %s", why)
             return None
         try:
-            function = _load(source).region
-            function.compile(_signature(kinds, taps, out))  # or loads it from numba's cache
+            function = machine_code.entry(source, *_types(kinds, taps, out), lambda: _load(source).region)
         except Exception as error:  # no folder for the code, or numba failing on it: stay correct
             log.warning("a native region failed to compile, evaluating it eagerly: %s", error)
             return None
@@ -570,8 +568,7 @@ def _folders() -> tuple[Path, Path]:
 
 def _load(source: str):
     """Import the module of `source` from a file named by its digest (written once)."""
-    import numba
-
+    numba = native.import_numba()
     digest = hashlib.sha256((source + numba.__version__).encode()).hexdigest()[:24]
     name = f"mergelang_region_{digest}"
     for folder in _folders():

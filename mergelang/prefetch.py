@@ -1,9 +1,10 @@
 """Read ahead, on a thread, the files a merge loads after torch (`launch.py` starts it for `run`).
 
-Importing torch takes a second or more of one core. Meanwhile the disk is idle, though numba,
-llvmlite (a 170 MB library), networkx, lark, mergelang's own modules and the cached machine code of
-its loops are read later, one page fault at a time where the page cache no longer holds them: a
-`dare_linear` run took 3.65 s with those files out of the cache against 3.15 s with them in. The
+Importing torch takes a second or more of one core. Meanwhile the disk is idle, though llvmlite (a
+170 MB library), numba's two helper libraries, networkx, lark, mergelang's own modules and the
+stored machine code of its loops are read later, one page fault at a time where the page cache no
+longer holds them: a `dare_linear` run took 3.65 s with those files out of the cache against 3.15 s
+with them in. The
 thread asks the kernel to read them ahead (posix_fadvise WILLNEED, 4 MB at a time: one call reads
 one read-ahead window at most; it returns once the reads are queued), so they arrive while torch
 loads. Where they are cached already this costs a few
@@ -20,34 +21,29 @@ from pathlib import Path
 
 from .paths import cache_dir
 
-PACKAGES = ("numba", "llvmlite", "networkx", "lark")
-LOOP_SUFFIXES = (".nbi", ".nbc")  # numba's cache: an index and the machine code
+PACKAGES = ("llvmlite", "networkx", "lark")
+# Of numba, a run that links stored loops loads only the helper libraries (machine_code.HELPERS).
+NUMBA_LIBRARIES = ("_helperlib.", "_nrt_python.")
 STEP = 4 << 20  # bytes per read-ahead request
 CACHE_BYTES = 64 << 20  # of the loops' cache at most: an old cache may hold many regions no run needs
 
 
 def files() -> list[Path]:
-    """The compiled modules of this Python (`__pycache__/*.<tag>.pyc`), the shared libraries and the
-    numba caches of PACKAGES and mergelang, then the cached loops of the regions (the newest first,
-    up to CACHE_BYTES)."""
-    folders = [Path(__file__).parent]
-    for name in PACKAGES:
-        try:
-            spec = find_spec(name)  # a top-level name: nothing is imported
-        except (ImportError, ValueError):
-            continue
-        if spec is not None and spec.submodule_search_locations:
-            folders += [Path(p) for p in spec.submodule_search_locations]
+    """The compiled modules of this Python (`__pycache__/*.<tag>.pyc`) and the shared libraries of
+    PACKAGES and mergelang, numba's helper libraries, then the stored loops (the newest first, up to
+    CACHE_BYTES)."""
     tag = f".{sys.implementation.cache_tag}."
     found = []
-    for folder in folders:
+    for folder in [Path(__file__).parent, *_package_folders(PACKAGES)]:
         for root, _, names in os.walk(folder):
             cached = os.path.basename(root) == "__pycache__"
-            found += [Path(root, n) for n in names
-                      if (cached and (tag in n or n.endswith(LOOP_SUFFIXES))) or n.endswith(".so")]
-    loops = cache_dir() / "regions" / "__pycache__"
+            found += [Path(root, n) for n in names if (cached and tag in n) or n.endswith(".so")]
+    for folder in _package_folders(("numba",)):
+        for root, _, names in os.walk(folder):
+            found += [Path(root, n) for n in names if n.startswith(NUMBA_LIBRARIES) and n.endswith(".so")]
+    loops = cache_dir() / "loops"
     try:
-        entries = sorted((e for e in os.scandir(loops) if e.name.endswith(LOOP_SUFFIXES)),
+        entries = sorted((e for e in os.scandir(loops) if e.name.endswith(".o")),
                          key=lambda e: e.stat().st_mtime, reverse=True)
     except OSError:
         entries = []
@@ -58,6 +54,18 @@ def files() -> list[Path]:
             break
         found.append(Path(e.path))
     return found
+
+
+def _package_folders(names) -> list[Path]:
+    folders = []
+    for name in names:
+        try:
+            spec = find_spec(name)  # a top-level name: nothing is imported
+        except (ImportError, ValueError):
+            continue
+        if spec is not None and spec.submodule_search_locations:
+            folders += [Path(p) for p in spec.submodule_search_locations]
+    return folders
 
 
 def read_ahead(paths: list[Path]) -> None:

@@ -15,7 +15,7 @@ import mergelang.ops
 from conftest import digests, write_spec
 from mergelang import rng
 from mergelang.api import RunOptions, run
-from mergelang.ops import OPS, KernelContext, native
+from mergelang.ops import OPS, KernelContext, machine_code, native
 from mergelang.ops import select as S
 from mergelang.ops.fast import zero_unless
 
@@ -25,7 +25,7 @@ N = 3 * native.MIN_ELEMENTS + 17  # long enough for the loops, and not a round n
 @pytest.fixture(autouse=True)
 def _native_on(monkeypatch):
     monkeypatch.delenv(native.ENV, raising=False)
-    assert native._loops() is not None, "numba is a dependency: the loops must be available"
+    assert native._loop("high_histogram") is not None, "numba is a dependency: the loops must be available"
 
 
 def awkward(n: int = N, seed: int = 0) -> torch.Tensor:
@@ -181,30 +181,40 @@ def test_outside_their_domain_the_loops_decline():
     assert native.disjoint_merge([x, x[:-1]], [1.0, 1.0], True, False) is None  # shapes differ
 
 
+def forget_loops(monkeypatch) -> None:
+    """The loops are found anew (machine_code's setup too) and restored after the test."""
+    monkeypatch.setattr(native, "_found", {})
+    monkeypatch.setattr(machine_code, "_state", {})
+
+
 def test_without_numba_the_torch_path_runs(monkeypatch):
     x = awkward()
     want = native.keep_random(x, 7, 0, 0.5)
-    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError, find_spec finds none
     monkeypatch.delitem(sys.modules, "mergelang.ops.native_loops", raising=False)
     monkeypatch.delattr(mergelang.ops, "native_loops", raising=False)
-    native._import.cache_clear()
-    try:
-        assert native._loops() is None and native.keep_random(x, 7, 0, 0.5) is None
-        got = OPS["keep_random"].kernel(KernelContext(key=7), x, density=0.5, seed=0)
-        assert torch.equal(bits(got), bits(want))
-    finally:
-        native._import.cache_clear()
+    monkeypatch.delitem(sys.modules, "mergelang.ops.entry_build", raising=False)
+    monkeypatch.delattr(mergelang.ops, "entry_build", raising=False)
+    forget_loops(monkeypatch)
+    assert native._loop("select_random") is None and native.keep_random(x, 7, 0, 0.5) is None
+    got = OPS["keep_random"].kernel(KernelContext(key=7), x, density=0.5, seed=0)
+    assert torch.equal(bits(got), bits(want))
 
 
 def test_with_numba_jit_disabled_the_torch_path_runs(monkeypatch):
     import numba
 
     monkeypatch.setattr(numba.config, "DISABLE_JIT", True)
-    native._import.cache_clear()
-    try:
-        assert native._loops() is None and native.keep_random(awkward(), 7, 0, 0.5) is None
-    finally:
-        native._import.cache_clear()
+    forget_loops(monkeypatch)
+    assert native._loop("select_random") is None and native.keep_random(awkward(), 7, 0, 0.5) is None
+
+
+def test_numba_disable_jit_turns_the_loops_off_before_numba_is_imported(monkeypatch):
+    monkeypatch.setenv("NUMBA_DISABLE_JIT", "1")
+    monkeypatch.setitem(sys.modules, "numba", None)
+    assert native.jit_disabled()
+    monkeypatch.setenv("NUMBA_DISABLE_JIT", "0")
+    assert not native.jit_disabled()
 
 
 SPEC = """\
@@ -238,8 +248,7 @@ def test_loading_the_loops_does_not_import_scipy_linalg():
     code = (
         "import sys, torch\n"
         "from mergelang.ops import native\n"
-        "loops = native._loops()\n"
-        "assert loops is not None\n"
+        "native._native_loops()\n"  # numba and its loops imported (none linked from stored code)
         "hist = torch.zeros(1 << 16, dtype=torch.int64)\n"
         "assert native.high_histogram(torch.ones(1 << 16), hist, 15) and int(hist.sum()) == 1 << 16\n"
         "print(sorted(m for m in sys.modules if m.startswith('scipy.linalg')))\n"

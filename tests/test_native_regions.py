@@ -26,7 +26,7 @@ from mergelang import fuse, native_regions, rng
 from mergelang.api import RunOptions, run
 from mergelang.check import TensorPlan
 from mergelang.graph import Node, const, with_random_key
-from mergelang.ops import native
+from mergelang.ops import machine_code, native
 from mergelang.schedule import region
 
 SHAPE = (64, 33)
@@ -214,6 +214,7 @@ def test_a_loop_that_fails_to_compile_warns_once_and_runs_eagerly(monkeypatch, c
 
     region = types.SimpleNamespace(compile=broken)
     monkeypatch.setattr(native_regions, "_load", lambda source: types.SimpleNamespace(region=region))
+    monkeypatch.setattr(machine_code, "_read", lambda name: None)  # no machine code stored for it
     data = _data((7, 5))
     fuser = native_fuser()
     graph = Node("mul", [Node("sub", [L("a"), L("b")]), const(3.0)])
@@ -354,13 +355,12 @@ def test_a_chunk_that_waits_gets_the_loop_another_thread_is_building():
     assert got == [built]
 
 
-def test_while_another_thread_imports_numba_the_loops_are_not_waited_for(monkeypatch):
-    monkeypatch.setattr(native, "_import", native._import)  # the cache is restored after the test
-    loaded = native._loops()
-    native._import.cache_clear()
-    with native._importing:  # another thread is importing numba
-        assert native._loops() is None
-    assert native._loops() == loaded
+def test_while_another_thread_loads_a_loop_the_others_are_not_waited_for(monkeypatch):
+    loaded = native._loop("high_histogram")
+    monkeypatch.setattr(native, "_found", {})  # restored after the test
+    with native._resolving:  # another thread is linking or compiling a loop
+        assert native._loop("high_histogram") is None
+    assert type(native._loop("high_histogram")) is type(loaded) is machine_code.Entry
 
 
 def test_a_loop_writes_into_the_tensor_it_is_given():

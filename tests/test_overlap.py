@@ -134,9 +134,9 @@ def test_tapped_reductions_keep_their_loads_and_read_each_input_once(family, tmp
 
     monkeypatch.setattr(native, "MIN_ELEMENTS", 1)
     monkeypatch.setenv("MERGELANG_CACHE_DIR", str(tmp_path / "cache"))
-    # Loops ready for every chunk: numba imported before the workers start, and a worker waits for
+    # Loops ready for every chunk: all linked before the workers start, and a worker waits for
     # a loop another one is building instead of running that chunk eagerly (the run's default).
-    assert native._loops() is not None
+    assert all(native._loop(name, wait=True) is not None for name in native.SIGNATURES)
     building = threading.Lock()
     real_loop = NativeRegions._loop
 
@@ -209,7 +209,7 @@ def test_sums_take_their_first_chunk_in_the_joint_loop_too(family, tmp_path, mon
 
     monkeypatch.setattr(native, "MIN_ELEMENTS", 1)
     monkeypatch.setenv("MERGELANG_CACHE_DIR", str(tmp_path / "cache"))
-    assert native._loops() is not None
+    assert all(native._loop(name, wait=True) is not None for name in native.SIGNATURES)
     calls: list[tuple[bool, int]] = []  # (a joint loop, first row) of each tapped loop's chunk
     real_rows_of = NativeRegions.rows_of
 

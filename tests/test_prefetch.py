@@ -12,29 +12,31 @@ import pytest
 from mergelang import launch, prefetch
 
 
-def test_the_files_are_the_compiled_modules_libraries_and_cached_loops(tmp_path, monkeypatch):
-    loops = tmp_path / "regions" / "__pycache__"
+def test_the_files_are_the_compiled_modules_libraries_and_stored_loops(tmp_path, monkeypatch):
+    loops = tmp_path / "loops"
     loops.mkdir(parents=True)
-    (tmp_path / "regions" / "mergelang_region_x.py").write_text("# source: not read ahead\n")
+    (loops / ".x.tmp").write_text("being written: not read ahead\n")
     for k in range(4):  # 30 MB each, the newest last: the cap of 64 MB keeps the newest two
-        path = loops / f"mergelang_region_{k}.region-1.py311.nbc"
+        path = loops / f"loop{k}.o"
         with open(path, "wb") as f:
             f.truncate(30 << 20)
         os.utime(path, (1000 + k, 1000 + k))
     monkeypatch.setenv("MERGELANG_CACHE_DIR", str(tmp_path))
     found = prefetch.files()
-    names = {p.name for p in found}
     tag = sys.implementation.cache_tag
     import numba
     import networkx
 
+    from mergelang.ops import machine_code
+
     numba_dir = Path(numba.__file__).parent
-    assert numba_dir / "__pycache__" / f"__init__.{tag}.pyc" in found
+    assert numba_dir / "__pycache__" / f"__init__.{tag}.pyc" not in found  # numba is not imported
+    assert {p for p in found if p.is_relative_to(numba_dir)} == {
+        machine_code._extension(name, numba_dir / relative)[1] for name, relative, _ in machine_code.HELPERS}
     assert Path(networkx.__file__).parent / "__pycache__" / f"__init__.{tag}.pyc" in found
     assert any(p.name.startswith("libllvmlite") for p in found)  # llvmlite's library
     assert not any(p.suffix == ".py" for p in found)
-    assert {n for n in names if n.startswith("mergelang_region_")} == {
-        "mergelang_region_3.region-1.py311.nbc", "mergelang_region_2.region-1.py311.nbc"}
+    assert {p.name for p in found if p.parent == loops} == {"loop3.o", "loop2.o"}
 
 
 def resident_pages(path: Path) -> tuple[int, int]:

@@ -3,8 +3,8 @@ scan and select, and TIES's disjoint_merge.
 
 In eager torch the random mask is a dozen passes over its chunk (rng.py), a top-k histogram three or
 four, disjoint_merge about thirty; memory traffic, not arithmetic, sets their speed. Compiled once
-per machine by numba (its on-disk cache keeps the machine code across runs), each of these loops
-reads its inputs once.
+per machine by numba and kept as machine code that later runs link without importing numba
+(machine_code.py), each of these loops reads its inputs once.
 
 Every loop computes exactly what the torch code it replaces computes: the mask, histograms and
 selects with integer arithmetic on the float bits, copying a kept entry's bits (NaNs, infinities and
@@ -19,40 +19,98 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import sys
 import threading
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import rng
+from . import machine_code
 
 log = logging.getLogger(__name__)
 
 ENV = "MERGELANG_NATIVE"
-# Smaller chunks take the torch path: a run on tiny tensors would not repay importing numba and
-# loading the loops (about 0.4 s, more the first time they are compiled on a machine).
+# Smaller chunks take the torch path: a run on tiny tensors would not repay linking the loops (30 ms,
+# and seconds the first time they are compiled on a machine).
 MIN_ELEMENTS = 1 << 16
 
 
-_importing = threading.Lock()
+# The C signature of each loop (machine_code.py): its argument types, its result. disjoint_merge
+# takes a tuple of arrays: it runs as numba's dispatcher.
+SIGNATURES = {
+    "select_random": (("u32[]", "u32[]", "u64", "u64", "u64", "u64"), None),
+    "high_histogram": (("u32[]", "i64[]", "u32"), None),
+    "note_bracket": (("u32[]", "i64[]", "i64[]", "i64[]", "u32"), None),
+    "count_noting": (("u32[]", "i64[]", "i64[]", "i64[]", "u32"), None),
+    "low_histogram_positions": (("u32[]", "i64[]", "u32", "u32", "u32", "i64", "i64[]", "i64[]", "i64"), "i64"),
+    "noted_low_histogram": (("i64[]", "i64", "i64", "i64", "i64", "i64[]"), "i64"),
+    "nth_noted": (("i64[]", "i64[]", "i64", "i64", "i64"), "i64"),
+    "keep_at_least": (("u32[]", "u32[]", "u32"), None),
+    "nth_equal": (("u32[]", "u32", "i64"), "i64,i64"),
+    "abs_sum_bins": (("u32[]", "i64[,]", "i64[]"), None),
+    "disjoint_merge": None,
+}
+
+_resolving = threading.Lock()
+_found: dict[str, object] = {}  # loop name → its callable, or None where it cannot run
 
 
-def _loops(wait: bool = False):
-    """The compiled loops, or None where numba is unavailable or turned off, or while another thread
-    is importing it (0.2 s and more), unless `wait`: that thread's chunk waits for it, this one takes
-    the torch path."""
+def _loop(name: str, wait: bool = False):
+    """The compiled loop `name` of native_loops, or None where numba is unavailable or turned off,
+    or while another thread is loading or compiling a loop (30 ms from stored machine code, seconds
+    to compile), unless `wait`: that thread's chunk waits for it, this one takes the torch path."""
     if os.environ.get(ENV, "1") == "0":
         return None
-    if _import.cache_info().currsize:
-        return _import()
-    if not _importing.acquire(blocking=wait):
+    if name in _found:
+        return _found[name]
+    if not _resolving.acquire(blocking=wait):
         return None
     try:
-        return _import()
+        if name not in _found:
+            _found[name] = _resolve(name)
+        return _found[name]
     finally:
-        _importing.release()
+        _resolving.release()
+
+
+@functools.cache
+def sources_digest() -> str:
+    """The digest of native_loops and the modules whose constants it compiles in: a loop's stored
+    machine code (and a region that calls into native_loops, in its source) names it, so that a
+    change there compiles them anew."""
+    folder = Path(__file__).parent
+    h = hashlib.sha256()
+    for path in (folder / "native_loops.py", folder / "select.py", folder.parent / "rng.py"):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def jit_disabled() -> bool:
+    """numba's jit is turned off (NUMBA_DISABLE_JIT=1): its loops would run as Python, entry by entry.
+    numba's own reading of its settings where it is imported, else the variable's."""
+    numba = sys.modules.get("numba")
+    if numba is not None and hasattr(numba, "config"):
+        return bool(numba.config.DISABLE_JIT)
+    return os.environ.get("NUMBA_DISABLE_JIT", "0").strip() not in ("", "0")
+
+
+def _resolve(name: str):
+    if jit_disabled():
+        return None
+    try:
+        signature = SIGNATURES[name]
+        if signature is None:
+            return _native_loops()[name]
+        return machine_code.entry(f"native_loops.{name} {sources_digest()}", *signature,
+                                  lambda: _native_loops()[name])
+    except Exception as error:  # not installed, or broken (an LLVM or cache setup error): stay correct
+        log.warning("numba could not be loaded (%s): the torch kernels run instead", error)
+        return None
 
 
 @contextlib.contextmanager
@@ -74,22 +132,19 @@ def _no_blas_probe():
 
 
 @functools.cache
-def _import():
-    try:
-        with _no_blas_probe():
-            import numba
-            import numba.np.arraymath  # noqa: F401 - its BLAS probe, made here
-        import numpy as np
+def import_numba():
+    """numba, imported for a compile (or a dispatcher)."""
+    with _no_blas_probe():
+        import numba
+        import numba.np.arraymath  # noqa: F401 - its BLAS probe, made here
+    return numba
 
-        if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1: the loops would run as Python, per entry
-            return None
-        from . import native_loops
-    except Exception as error:  # not installed, or broken (an LLVM or cache setup error): stay correct
-        log.warning("numba could not be loaded (%s): the torch kernels run instead", error)
-        return None
-    names = ("select_random", "high_histogram", "note_bracket", "count_noting", "low_histogram_positions",
-             "noted_low_histogram", "nth_noted", "keep_at_least", "disjoint_merge", "nth_equal", "abs_sum_bins")
-    return {"np": np, **{name: getattr(native_loops, name) for name in names}}
+
+def _native_loops() -> dict:
+    import_numba()
+    from . import native_loops
+
+    return {name: getattr(native_loops, name) for name in SIGNATURES}
 
 
 def _fits(x: torch.Tensor) -> bool:
@@ -97,26 +152,25 @@ def _fits(x: torch.Tensor) -> bool:
             and x.is_contiguous())
 
 
-def _bits(x: torch.Tensor, np):
+def _bits(x: torch.Tensor):
     return x.reshape(-1).view(torch.int32).numpy().view(np.uint32)
 
 
 def keep_random(x: torch.Tensor, key: int, start: int, keep_probability: float) -> torch.Tensor | None:
     """zero_unless(rng.keep_mask(key, start, x.numel(), keep_probability), x) in one pass; None where
     this loop does not apply."""
-    loops = _loops() if _fits(x) else None
-    if loops is None:
+    loop = _loop("select_random") if _fits(x) else None
+    if loop is None:
         return None
-    np = loops["np"]
     limit = np.uint64(rng.threshold(keep_probability))
     out = torch.empty_like(x)
-    xbits, obits = _bits(x, np), _bits(out, np)
+    xbits, obits = _bits(x), _bits(out)
     pos, end = start, start + x.numel()
     while pos < end:  # segments that share an index's high 32 bits (one pair of round keys)
         stop = min(end, ((pos >> 32) + 1) << 32)
         k0, k1 = rng._round_keys(key, pos >> 32)
         a, b = pos - start, stop - start
-        loops["select_random"](xbits[a:b], obits[a:b], np.uint64(pos & rng.MASK32), np.uint64(k0), np.uint64(k1), limit)
+        loop(xbits[a:b], obits[a:b], np.uint64(pos & rng.MASK32), np.uint64(k0), np.uint64(k1), limit)
         pos = stop
     return out
 
@@ -124,11 +178,10 @@ def keep_random(x: torch.Tensor, key: int, start: int, keep_probability: float) 
 def high_histogram(x: torch.Tensor, hist: torch.Tensor, low_bits: int) -> bool:
     """hist += the histogram of the magnitude bits of x shifted right by low_bits; False where this
     loop does not apply (nothing added)."""
-    loops = _loops() if _fits(x) and hist.dtype == torch.int64 and hist.is_contiguous() else None
-    if loops is None:
+    loop = _loop("high_histogram") if _fits(x) and hist.dtype == torch.int64 and hist.is_contiguous() else None
+    if loop is None:
         return False
-    np = loops["np"]
-    loops["high_histogram"](_bits(x, np), hist.numpy(), np.uint32(low_bits))
+    loop(_bits(x), hist.numpy(), np.uint32(low_bits))
     return True
 
 
@@ -147,11 +200,10 @@ def count_noting(x: torch.Tensor, state: torch.Tensor, positions: torch.Tensor, 
 
 def _first_pass_loop(name: str, x: torch.Tensor, state: torch.Tensor, positions: torch.Tensor,
                      bits: torch.Tensor, low_bits: int) -> bool:
-    loops = _loops() if _fits(x) else None
-    if loops is None:
+    loop = _loop(name) if _fits(x) else None
+    if loop is None:
         return False
-    np = loops["np"]
-    loops[name](_bits(x, np), state.numpy(), positions.numpy(), bits.numpy(), np.uint32(low_bits))
+    loop(_bits(x), state.numpy(), positions.numpy(), bits.numpy(), np.uint32(low_bits))
     return True
 
 
@@ -162,40 +214,37 @@ def low_histogram_positions(x: torch.Tensor, hist: torch.Tensor, high: int, low_
     counts into positions and bits (int64) from `count` on, while they have room (none: empty
     buffers); returns count plus the entries counted, or None where this loop does not apply
     (nothing added)."""
-    loops = _loops() if _fits(x) and hist.dtype == torch.int64 and hist.is_contiguous() else None
-    if loops is None:
+    loop = _loop("low_histogram_positions") if _fits(x) and hist.dtype == torch.int64 and hist.is_contiguous() else None
+    if loop is None:
         return None
-    np = loops["np"]
-    return int(loops["low_histogram_positions"](_bits(x, np), hist.numpy(), np.uint32(high), np.uint32(low_bits),
-                                                np.uint32((1 << low_bits) - 1), first, positions.numpy(),
-                                                bits.numpy(), count))
+    return int(loop(_bits(x), hist.numpy(), np.uint32(high), np.uint32(low_bits), np.uint32((1 << low_bits) - 1),
+                    first, positions.numpy(), bits.numpy(), count))
 
 
 def noted_low_histogram(bits: torch.Tensor, count: int, high: int, low_bits: int, hist: torch.Tensor) -> int | None:
     """native_loops.noted_low_histogram over CPU int64 notes into hist (int64 CPU); None where this
     loop does not apply (nothing added)."""
-    loops = _loops() if count >= MIN_ELEMENTS else None
-    if loops is None:
+    loop = _loop("noted_low_histogram") if count >= MIN_ELEMENTS else None
+    if loop is None:
         return None
-    return int(loops["noted_low_histogram"](bits.numpy(), count, high, low_bits, (1 << low_bits) - 1, hist.numpy()))
+    return int(loop(bits.numpy(), count, high, low_bits, (1 << low_bits) - 1, hist.numpy()))
 
 
 def nth_noted(bits: torch.Tensor, positions: torch.Tensor, count: int, target: int, n: int) -> int | None:
     """native_loops.nth_noted over CPU int64 notes; None where this loop does not apply."""
-    loops = _loops() if count >= MIN_ELEMENTS else None
-    if loops is None:
+    loop = _loop("nth_noted") if count >= MIN_ELEMENTS else None
+    if loop is None:
         return None
-    return int(loops["nth_noted"](bits.numpy(), positions.numpy(), count, target, n))
+    return int(loop(bits.numpy(), positions.numpy(), count, target, n))
 
 
 def nth_equal(x: torch.Tensor, t: int, n: int) -> tuple[int, int] | None:
     """(flat index in x, n) of the n-th entry (1-based) whose magnitude bits are t, or (-1, how many
     there are) when x has fewer; None where this loop does not apply."""
-    loops = _loops() if _fits(x) else None
-    if loops is None:
+    loop = _loop("nth_equal") if _fits(x) else None
+    if loop is None:
         return None
-    np = loops["np"]
-    j, count = loops["nth_equal"](_bits(x, np), np.uint32(t), n)
+    j, count = loop(_bits(x), np.uint32(t), n)
     return int(j), int(count)
 
 
@@ -206,22 +255,21 @@ def abs_sum_bins(x: torch.Tensor, bins: torch.Tensor, flags: torch.Tensor) -> bo
     """abs_sum.AbsSum's bins (int64, ABS_SUM_LANES × 256) += x's significands by exponent field,
     and its flags (int64: NaN seen, infinity seen) set; False where this loop does not apply
     (nothing added)."""
-    loops = _loops() if _fits(x) else None
-    if loops is None:
+    loop = _loop("abs_sum_bins") if _fits(x) else None
+    if loop is None:
         return False
-    loops["abs_sum_bins"](_bits(x, loops["np"]), bins.numpy(), flags.numpy())
+    loop(_bits(x), bins.numpy(), flags.numpy())
     return True
 
 
 def keep_at_least(x: torch.Tensor, t: int) -> torch.Tensor | None:
     """x where its magnitude bits are >= t (0 <= t < 2**31), +0.0 elsewhere; None where this loop
     does not apply."""
-    loops = _loops() if _fits(x) else None
-    if loops is None:
+    loop = _loop("keep_at_least") if _fits(x) else None
+    if loop is None:
         return None
-    np = loops["np"]
     out = torch.empty_like(x)
-    loops["keep_at_least"](_bits(x, np), _bits(out, np), np.uint32(t))
+    loop(_bits(x), _bits(out), np.uint32(t))
     return out
 
 
@@ -230,12 +278,11 @@ def disjoint_merge(xs, weights: list[float], normalize: bool, by_count: bool) ->
     x0 = xs[0]
     fits = torch.is_tensor(x0) and _fits(x0) and all(
         torch.is_tensor(x) and x.shape == x0.shape and _fits(x) for x in xs)
-    loops = _loops() if fits else None
-    if loops is None:
+    loop = _loop("disjoint_merge") if fits else None
+    if loop is None:
         return None
-    np = loops["np"]
     out = torch.empty_like(x0)
     arrays = tuple(x.reshape(-1).numpy() for x in xs)
     ws = np.array(weights, dtype=np.float32)  # what torch multiplies a float32 tensor by
-    loops["disjoint_merge"](arrays, ws, out.reshape(-1).numpy(), normalize, by_count)
+    loop(arrays, ws, out.reshape(-1).numpy(), normalize, by_count)
     return out
