@@ -6,9 +6,10 @@ so reads x's inputs once, not twice, and makes one pass, not three. The other in
 of the root's region.
 
 Several reductions of one tensor whose roots read the same loads (ties' top-k of each fine-tune's
-delta from one base, dare's l1 sums) take their first pass together: after each one's first chunk
-(a top-k select picks its bracket from it), one loop computes all of their roots chunk by chunk and
-hands each its values, reading the shared loads once per chunk instead of once per reduction. That
+delta from one base, dare's l1 sums) take their first pass together: one loop computes all of their
+roots chunk by chunk and hands each its values, reading the shared loads once per chunk instead of
+once per reduction. (A top-k select picks its bracket from its first chunk's histogram and then
+notes that chunk: the loop runs over the first chunk twice.) That
 loop stores nothing: nothing reads the sum, and storing it cost ties' joint pass 10-15% of its time.
 Each reducer sees the same values in the same order as alone, so its result is the same.
 """
@@ -104,9 +105,13 @@ def first_passes(evaluator, members: list[Member]) -> list[bool]:
         whole = torch.empty(evaluator.shape, dtype=torch.float32, device=evaluator.device)
     scratch = None
     joint = None  # (steps, taps) of the loop over every active member's root
-    # A select picks its bracket from its own first chunk's values (tapped_chunk); sums need none,
-    # so where no member has a first chunk of its own the joint loop takes the first chunk too.
-    first_alone = any(hasattr(m.reducer, "tapped_chunk") for m in active)
+    # A select picks its bracket from the histogram of its first chunk, then notes that chunk's
+    # entries in the bracket (tapped_chunk, after its own loop); sums need neither. Where every
+    # member is a select, the joint loop runs over the first chunk twice, to bin it and to note it
+    # (_note_first_chunk); where none is, it takes the first chunk as any other; else each member's
+    # first chunk runs in its own loop.
+    selects = sum(hasattr(m.reducer, "tapped_chunk") for m in active)
+    first_alone = 0 < selects < len(active)
     for r0, r1 in evaluator.chunks():
         if whole is not None:
             part = whole[r0:r1]
@@ -120,6 +125,8 @@ def first_passes(evaluator, members: list[Member]) -> list[bool]:
             if joint is None:
                 joint = _joint(evaluator, active)
             if native.rows_of(evaluator, joint[0], r0, r1, taps=joint[1], taps_only=True, wait=r0 == 0) is not None:
+                if r0 == 0 and selects:
+                    _note_first_chunk(evaluator, native, joint, active, r1)
                 continue
         for m in list(active):
             # the first chunk waits for numba or a loop another thread is loading: left eager, the
@@ -142,6 +149,19 @@ def first_passes(evaluator, members: list[Member]) -> list[bool]:
         evaluator.cache[active[0].root] = whole
         evaluator.cached_bytes += nbytes
     return [m in active for m in members]
+
+
+def _note_first_chunk(evaluator, native, joint: tuple, members: list[Member], r1: int) -> None:
+    """After the joint loop binned the first chunk (rows [0, r1)) for selects: each picks its bracket,
+    and the loop runs over the chunk again to note the entries in it (counting those above the
+    bracket too, which the histogram holds already: that count is put back). Each select ends with
+    the histogram and notes that its own first chunk would have given it (tapped_chunk)."""
+    restore = [m.reducer.bracket_binned(r1 * evaluator.row_size) for m in members]
+    if native.rows_of(evaluator, joint[0], 0, r1, taps=joint[1], taps_only=True, wait=True) is None:
+        for m in members:  # not expected: the loop just ran over this chunk; the notes made eagerly
+            m.reducer.note_chunk(evaluator._as_tensor(evaluator.rows_of(m.root, 0, r1), r1))
+    for put_back in restore:
+        put_back()
 
 
 def _joint(evaluator, members: list[Member]) -> tuple[tuple, tuple]:

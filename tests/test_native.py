@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -328,3 +329,52 @@ def test_the_first_passs_notes_give_the_torch_cutoff(monkeypatch, bound):
             assert ordered[rank - 1] >= keys[0] > ordered[rank], rank
         else:  # keeps exactly ranks rank..n
             assert ordered[rank - 2] > keys[0] >= ordered[rank - 1], rank
+
+
+def test_a_joint_first_chunk_leaves_a_select_as_its_own_loop_would():
+    """The first chunk of a select, taken in its own loop (bracket_pass bins it, tapped_chunk notes
+    it), in a joint loop (bracket_pass bins it, bracket_binned, bracket_pass again, the count above
+    put back) or noted eagerly after the joint loop binned it (note_chunk): the same histogram,
+    state and notes, then the same cutoff after the other chunks."""
+    from mergelang.ops import native_loops
+
+    x = awkward(8 * native.MIN_ELEMENTS + 5, seed=4).nan_to_num(0.0, 0.0, 0.0)
+    n, first = x.numel(), 2 * native.MIN_ELEMENTS
+    xbits = x.view(torch.int32).numpy().view(np.uint32)
+
+    def binned(reducer):
+        native_loops.bracket_pass(xbits[:first], reducer.hist.numpy(), reducer.state.numpy(),
+                                  reducer.positions.numpy(), reducer.magnitudes.numpy(), np.uint32(S.LOW_BITS))
+
+    def own(reducer):
+        binned(reducer)
+        reducer.tapped_chunk(x[:first])
+
+    def joint(reducer):
+        binned(reducer)
+        put_back = reducer.bracket_binned(first)
+        binned(reducer)  # now bracketed: it notes the chunk and counts the entries above
+        put_back()
+
+    def eager_notes(reducer):
+        binned(reducer)
+        put_back = reducer.bracket_binned(first)
+        reducer.note_chunk(x[:first])
+        put_back()
+
+    for rank in (n // 3, n - 11):
+        seen = []
+        for way in (own, joint, eager_notes):
+            reducer = S.RankCutoff(KernelContext(), (n,), rank)
+            reducer.taps(0)  # its buffers
+            way(reducer)
+            noted = int(reducer.state[S.NOTED])
+            assert noted > 0
+            seen.append((reducer.hist.clone(), reducer.state.clone(), reducer.positions[:noted].clone(),
+                         reducer.magnitudes[:noted].clone()))
+            for s in range(first, n, first):
+                reducer.update(0, x[s:s + first])
+            assert reducer.end_pass(0), "the notes hold rank k: one pass"
+            seen[-1] += (int(reducer.result()),)
+        for other in seen[1:]:
+            assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(seen[0], other)), rank

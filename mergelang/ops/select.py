@@ -346,6 +346,23 @@ class RankCutoff:
             self.state[NEXT] -= x.numel()  # back to the chunk's first entry
             note_bracket(x, self.state, self.positions, self.magnitudes)
 
+    def bracket_binned(self, count: int):
+        """After a joint loop binned the first chunk (`count` entries) for this select (tapped.py):
+        the bracket set and the chunk's first index put back, so that the loop's next run over the
+        chunk notes its entries. That run also counts the entries above the bracket, which the
+        histogram holds already; the function returned puts the count back as it was."""
+        self._bracket(count)
+        self.state[NEXT] -= count
+        above = int(self.state[ABOVE])
+
+        def put_back() -> None:
+            self.state[ABOVE] = above
+        return put_back
+
+    def note_chunk(self, x: torch.Tensor) -> None:
+        """The notes of the first chunk's values x, once bracket_binned set the bracket."""
+        note_bracket(x, self.state, self.positions, self.magnitudes)
+
     def end_pass(self, pass_: int) -> bool:
         if self.rank is None or self.n == 0:
             return True
