@@ -488,34 +488,28 @@ class NativeRegions:
         for i in random_steps:
             key = rng.derive_key(evaluator.options.seed, evaluator.tp.name, bytes.fromhex(steps[i].node.attr("key")))
             keys += rng._round_keys(key, start >> 32)
-        args = []
-        for v, k in zip(leaves, kinds):
-            if k == "bf16":
-                args.append(v.reshape(-1).view(torch.int16).numpy().view(np.uint16))
-            elif k == "f32":
-                args.append(v.reshape(-1).numpy())
-            elif k == "scalar":
-                args.append(np.float32(v.item()))
-            else:
-                args.append(np.int64(v.item()))
+        # The chunks go to the loop as the tensors they are (their bits: a bf16 chunk is the loop's
+        # uint16 array), the statistics as numbers.
+        args = [v if k in ("bf16", "f32") else np.float32(v.item()) if k == "scalar" else np.int64(v.item())
+                for v, k in zip(leaves, kinds)]
         shape = (r1 - r0,) + tuple(evaluator.shape[1:])
         call = (count, start, np.uint64(start & rng.MASK32), np.array(keys, dtype=np.uint64), *args)
         if bf16:
             out = torch.empty(shape, dtype=torch.bfloat16)
-            if not function(*call, out.reshape(-1).view(torch.int16).numpy().view(np.uint16)):
+            if not function(*call, out):
                 return out
             loop = self._loop(steps, kinds, tap_key, "f32")
             if loop is None:
                 return None
             function, out = loop[0], None
-        tap_arrays = (a.numpy() for _, _, arrays, _ in taps for a in arrays)
+        tap_arrays = (a for _, _, arrays, _ in taps for a in arrays)
         if taps_only:
             function(*call, np.empty(0, dtype=np.float32), *tap_arrays)
             return True
         if out is None or tuple(out.shape) != shape or out.dtype != torch.float32 or out.device.type != "cpu" \
                 or not out.is_contiguous():
             out = torch.empty(shape, dtype=torch.float32)
-        function(*call, out.reshape(-1).numpy(), *tap_arrays)
+        function(*call, out, *tap_arrays)
         return out
 
     def _loop(self, steps: tuple[Step, ...], kinds: tuple[str, ...], taps: tuple = (), out: str = "f32",

@@ -14,6 +14,7 @@ from pathlib import Path
 import numba
 import numpy as np
 import pytest
+import torch
 
 from conftest import digests, write_spec
 from mergelang.ops import machine_code
@@ -149,10 +150,14 @@ def test_a_symbol_not_found_compiles_again_and_else_the_dispatcher_runs(monkeypa
     monkeypatch.setattr(machine_code, "_address",
                         lambda name: None if name == "NRT_MemInfo_alloc_aligned" else address(name))
     fallback = machine_code.entry("test scratch", ("u32[]", "u32[]"), None, factory)
-    assert fallback is scratch and calls == [1, 1, 1]  # compiled again, not linkable: the dispatcher
+    # compiled again, not linkable: the dispatcher, called as an entry is (torch tensors too)
+    assert isinstance(fallback, machine_code.Dispatched) and fallback.function is scratch and calls == [1, 1, 1]
     out = np.zeros(4, np.uint32)
     fallback(np.arange(4, dtype=np.uint32), out)
     assert out.tolist() == [9, 6, 3, 0]
+    tensor = torch.zeros(2, 2, dtype=torch.int32)
+    fallback(torch.arange(4, dtype=torch.int32), tensor)
+    assert tensor.flatten().tolist() == [9, 6, 3, 0]
 
 
 def test_where_no_folder_can_be_written_the_loop_is_linked_all_the_same(tmp_path, monkeypatch):
@@ -175,6 +180,27 @@ def test_an_entry_refuses_arguments_of_other_types():
         entry(a, np.zeros((2, 4), np.uint32))
     with pytest.raises(TypeError, match="2 arguments called with 1"):
         entry(a)
+
+
+def test_an_entry_takes_torch_tensors_by_their_bits():
+    """A tensor of the argument's element size goes by its data pointer: a bf16 tensor is a u16
+    array, an int32 one a u32 array (any shape, where the type is 1-D); the same values as numpy's."""
+    entry = machine_code.entry("test mix", MIX, "i64", lambda: mix)
+    want = mix_args()
+    expect = mix(*want)
+    got = mix_args()
+    tensors = [torch.from_numpy(got[0].view(np.int16)).view(torch.bfloat16).reshape(25, 40),
+               torch.from_numpy(got[1].view(np.int32)), torch.from_numpy(got[2].view(np.int64)),
+               torch.from_numpy(got[3]), torch.from_numpy(got[4]).view(10, 100), torch.from_numpy(got[5])]
+    assert entry(*tensors, *got[6:]) == expect
+    for g, w in zip(got, want):
+        assert np.array_equal(np.asarray(g), np.asarray(w))
+    with pytest.raises(TypeError, match="contiguous f32"):
+        entry(*tensors[:4], torch.zeros(1000, dtype=torch.float64), *tensors[5:], *got[6:])
+    with pytest.raises(TypeError, match="contiguous f32"):
+        entry(*tensors[:4], torch.zeros(2000)[::2], *tensors[5:], *got[6:])
+    with pytest.raises(TypeError, match=r"contiguous i64\[,\]"):
+        entry(*tensors[:5], torch.zeros(21, dtype=torch.int64), *got[6:])
 
 
 def test_the_digest_follows_the_source_the_signature_and_numba_settings(monkeypatch):

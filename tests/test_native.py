@@ -166,6 +166,8 @@ def test_disjoint_merge_matches_torch(monkeypatch, weights, normalize, consensus
     xs = [awkward(seed=10 + i)[: N // 4 * 4].view(-1, 4) for i in range(len(weights))]
     xs[0][::7] = xs[1][::7] * -1  # exact cancellations in the elected sign's sum
     params = {"weights": weights, "normalize": normalize, "consensus_method": consensus_method}
+    native.import_numba()  # disjoint_merge runs as numba's dispatcher, where numba is imported
+    assert native._loop("disjoint_merge") is not None
     got = OPS["disjoint_merge"].kernel(KernelContext(), *xs, **params)
     monkeypatch.setenv(native.ENV, "0")
     want = OPS["disjoint_merge"].kernel(KernelContext(), *xs, **params)

@@ -130,7 +130,8 @@ class _Interpreted:
         namespace = {"numba": types.SimpleNamespace(njit=lambda **kw: (lambda f: f))}
         exec(compile(source.replace("import numba\n", ""), "<region>", "exec"), namespace)
         namespace["draw32"] = _draw32  # the loop's draw (a numba intrinsic), in Python
-        return namespace["region"], random_steps
+        # called as a loop without stored machine code is: tensors become numpy arrays of their bits
+        return machine_code.Dispatched(namespace["region"], native_regions._types(kinds, taps, out)[0]), random_steps
 
 
 def _draw32(index, k0, k1):

@@ -41,7 +41,8 @@ MIN_ELEMENTS = 1 << 16
 
 
 # The C signature of each loop (machine_code.py): its argument types, its result. disjoint_merge
-# takes a tuple of arrays: it runs as numba's dispatcher.
+# takes a tuple of arrays: it runs as numba's dispatcher, and only where numba is imported already
+# (a run that links its loops leaves the eager chunks of TIES's merge, rare, to torch: the same bits).
 SIGNATURES = {
     "select_random": (("u32[]", "u32[]", "u64", "u64", "u64", "u64"), None),
     "high_histogram": (("u32[]", "i64[]", "u32"), None),
@@ -64,7 +65,7 @@ def _loop(name: str, wait: bool = False):
     """The compiled loop `name` of native_loops, or None where numba is unavailable or turned off,
     or while another thread is loading or compiling a loop (30 ms from stored machine code, seconds
     to compile), unless `wait`: that thread's chunk waits for it, this one takes the torch path."""
-    if os.environ.get(ENV, "1") == "0":
+    if os.environ.get(ENV, "1") == "0" or (SIGNATURES[name] is None and "numba" not in sys.modules):
         return None
     if name in _found:
         return _found[name]
