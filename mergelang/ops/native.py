@@ -153,10 +153,6 @@ def _fits(x: torch.Tensor) -> bool:
             and x.is_contiguous())
 
 
-def _bits(x: torch.Tensor):
-    return x.reshape(-1).view(torch.int32).numpy().view(np.uint32)
-
-
 def keep_random(x: torch.Tensor, key: int, start: int, keep_probability: float) -> torch.Tensor | None:
     """zero_unless(rng.keep_mask(key, start, x.numel(), keep_probability), x) in one pass; None where
     this loop does not apply."""
@@ -165,7 +161,7 @@ def keep_random(x: torch.Tensor, key: int, start: int, keep_probability: float) 
         return None
     limit = np.uint64(rng.threshold(keep_probability))
     out = torch.empty_like(x)
-    xbits, obits = _bits(x), _bits(out)
+    xbits, obits = x.reshape(-1), out.reshape(-1)  # their bits: the loop's uint32 arrays
     pos, end = start, start + x.numel()
     while pos < end:  # segments that share an index's high 32 bits (one pair of round keys)
         stop = min(end, ((pos >> 32) + 1) << 32)
@@ -182,7 +178,7 @@ def high_histogram(x: torch.Tensor, hist: torch.Tensor, low_bits: int) -> bool:
     loop = _loop("high_histogram") if _fits(x) and hist.dtype == torch.int64 and hist.is_contiguous() else None
     if loop is None:
         return False
-    loop(_bits(x), hist.numpy(), np.uint32(low_bits))
+    loop(x, hist, np.uint32(low_bits))
     return True
 
 
@@ -204,7 +200,7 @@ def _first_pass_loop(name: str, x: torch.Tensor, state: torch.Tensor, positions:
     loop = _loop(name) if _fits(x) else None
     if loop is None:
         return False
-    loop(_bits(x), state.numpy(), positions.numpy(), bits.numpy(), np.uint32(low_bits))
+    loop(x, state, positions, bits, np.uint32(low_bits))
     return True
 
 
@@ -218,8 +214,8 @@ def low_histogram_positions(x: torch.Tensor, hist: torch.Tensor, high: int, low_
     loop = _loop("low_histogram_positions") if _fits(x) and hist.dtype == torch.int64 and hist.is_contiguous() else None
     if loop is None:
         return None
-    return int(loop(_bits(x), hist.numpy(), np.uint32(high), np.uint32(low_bits), np.uint32((1 << low_bits) - 1),
-                    first, positions.numpy(), bits.numpy(), count))
+    return int(loop(x, hist, np.uint32(high), np.uint32(low_bits), np.uint32((1 << low_bits) - 1),
+                    first, positions, bits, count))
 
 
 def noted_low_histogram(bits: torch.Tensor, count: int, high: int, low_bits: int, hist: torch.Tensor) -> int | None:
@@ -228,7 +224,7 @@ def noted_low_histogram(bits: torch.Tensor, count: int, high: int, low_bits: int
     loop = _loop("noted_low_histogram") if count >= MIN_ELEMENTS else None
     if loop is None:
         return None
-    return int(loop(bits.numpy(), count, high, low_bits, (1 << low_bits) - 1, hist.numpy()))
+    return int(loop(bits, count, high, low_bits, (1 << low_bits) - 1, hist))
 
 
 def nth_noted(bits: torch.Tensor, positions: torch.Tensor, count: int, target: int, n: int) -> int | None:
@@ -236,7 +232,7 @@ def nth_noted(bits: torch.Tensor, positions: torch.Tensor, count: int, target: i
     loop = _loop("nth_noted") if count >= MIN_ELEMENTS else None
     if loop is None:
         return None
-    return int(loop(bits.numpy(), positions.numpy(), count, target, n))
+    return int(loop(bits, positions, count, target, n))
 
 
 def nth_equal(x: torch.Tensor, t: int, n: int) -> tuple[int, int] | None:
@@ -245,7 +241,7 @@ def nth_equal(x: torch.Tensor, t: int, n: int) -> tuple[int, int] | None:
     loop = _loop("nth_equal") if _fits(x) else None
     if loop is None:
         return None
-    j, count = loop(_bits(x), np.uint32(t), n)
+    j, count = loop(x, np.uint32(t), n)
     return int(j), int(count)
 
 
@@ -259,7 +255,7 @@ def abs_sum_bins(x: torch.Tensor, bins: torch.Tensor, flags: torch.Tensor) -> bo
     loop = _loop("abs_sum_bins") if _fits(x) else None
     if loop is None:
         return False
-    loop(_bits(x), bins.numpy(), flags.numpy())
+    loop(x, bins, flags)
     return True
 
 
@@ -270,7 +266,7 @@ def keep_at_least(x: torch.Tensor, t: int) -> torch.Tensor | None:
     if loop is None:
         return None
     out = torch.empty_like(x)
-    loop(_bits(x), _bits(out), np.uint32(t))
+    loop(x, out, np.uint32(t))
     return out
 
 
