@@ -4,7 +4,7 @@ Run by hand; it prints a markdown table. It is not a test.
 
     python benchmarks/bench.py                       # linear, dare_linear, ties; 3 runs each
     python benchmarks/bench.py --only linear --runs 1
-    python benchmarks/bench.py --depth-check         # also mergelang `linear` at 4 and 16 layers
+    python benchmarks/bench.py --depth-check         # also mergelang `linear` at 4, 8 and 16 layers, in one series
 
 The family (made once, then reused from --workdir) is a base model and three fine-tunes of it:
 hidden 2048, intermediate 5440, vocab 32000, 16 attention heads with 8 key/value heads, untied head,
@@ -640,21 +640,36 @@ def main(argv: list[str] | None = None) -> None:
             s = shape_for(args, layers)
             r = make_family(workdir, s)
             merge = MERGES[args.depth_merge]
-            if layers == args.layers and (merge.name, "mergelang") in results:
-                res = results[merge.name, "mergelang"]
-            else:
-                warm_page_cache(r, merge.inputs)
-                yaml, spec = write_inputs(merge, r, specs / s.folder_name())
-                res = Result()
-                print(f"{merge.name}, {layers} layers:", file=sys.stderr, flush=True)
-                for i in range(args.runs):
-                    out = outs / f"mergelang-{merge.name}-l{layers}"
-                    run_tool(res, mergelang_command(spec, out), out,
-                             logs / f"mergelang-{merge.name}-l{layers}-{i}.log", False,
-                             functools.partial(settle, r, merge.inputs))
+            # Every depth in one series, the main family's too: its runs above alternate with
+            # mergekit's, which leave the machine in another state (caches dropped, memory freed).
+            warm_page_cache(r, merge.inputs)
+            yaml, spec = write_inputs(merge, r, specs / s.folder_name())
+            res = Result()
+            print(f"{merge.name}, {layers} layers:", file=sys.stderr, flush=True)
+            for i in range(args.runs):
+                out = outs / f"mergelang-{merge.name}-l{layers}"
+                run_tool(res, mergelang_command(spec, out), out,
+                         logs / f"mergelang-{merge.name}-l{layers}-{i}.log", False,
+                         functools.partial(settle, r, merge.inputs))
             depth_rows.append((layers, s.params(), model_bytes(r / "base"), res))
 
     report(args, shape, size, warm_bytes, warm_s, floor, results, depth_rows, workdir)
+
+
+def depth_summary(depth_rows) -> str:
+    """How far the peak RSS spreads over the depths, and how far each middle depth's time lies from
+    the line (in bytes per model) through the shallowest and the deepest: "linear in bytes"."""
+    rows = [(nbytes, r) for _, _, nbytes, r in depth_rows if r.wall is not None and r.rss is not None]
+    if len(rows) < 2:
+        return "Depth: too few depths measured."
+    rss = [r.rss for _, r in rows]
+    text = f"Peak RSS over the depths: {min(rss) / GB:.2f}-{max(rss) / GB:.2f} GB ({max(rss) / min(rss) - 1:.0%} apart)."
+    (b0, r0), (b1, r1) = rows[0], rows[-1]
+    for nbytes, r in rows[1:-1]:
+        line = r0.wall + (r1.wall - r0.wall) * (nbytes - b0) / (b1 - b0)
+        text += (f" At {nbytes / GB:.3f} GB per model the time is {r.wall:.2f} s, {r.wall / line - 1:+.0%} from the line"
+                 f" through the shallowest and deepest ({line:.2f} s).")
+    return text
 
 
 def report(args, shape, size, warm_bytes, warm_s, floor, results, depth_rows, workdir) -> None:
@@ -731,9 +746,11 @@ def report(args, shape, size, warm_bytes, warm_s, floor, results, depth_rows, wo
             print(f"| {layers} | {params / 1e6:.0f}M | {nbytes / GB:.3f} | {_fmt(r.wall)} | {_fmt(r.cpu)} "
                   f"| {_fmt(rss, 2)} "
                   f"| {_fmt(per_gb, 2)} |")
-            if r.error and not (layers == args.layers and (merge.name, "mergelang") in results):
+            if r.error:
                 failures.append(f"- {merge.name} at {layers} layers, mergelang: {r.error.splitlines()[0]}")
                 failures.extend(f"      {line}" for line in r.error.splitlines()[1:])
+        print()
+        print(depth_summary(depth_rows))
 
     if failures:
         print()

@@ -138,15 +138,22 @@ def _as_numpy(tensor, t: str, dtype, ndim: int):
     return array.reshape(-1) if ndim == 1 else array
 
 
-_lock = threading.Lock()
+_lock = threading.Lock()  # linking: one object at a time
+_setup_lock = threading.Lock()
 _engines: list = []  # every engine linked: their code stays mapped for the process
 _state: dict = {}  # "llvm": llvmlite.binding, "stamp": what the digest takes from this machine
 
 
 def _setup():
-    """llvmlite, with numba's helpers registered as symbols; raises Unavailable where it cannot be."""
-    if "llvm" in _state:
+    """llvmlite, with numba's helpers found; raises Unavailable where it cannot be (once per process,
+    the first thread to ask doing it)."""
+    with _setup_lock:
+        if "llvm" not in _state:
+            _set_up()
         return _state["llvm"]
+
+
+def _set_up() -> None:
     try:
         import llvmlite
         import llvmlite.binding as llvm
@@ -173,7 +180,6 @@ def _setup():
     except Exception as error:  # noqa: BLE001 - no llvmlite, or numba's helpers cannot load
         raise Unavailable(str(error)) from error
     _state.update(stamp="\n".join(stamp), symbols=symbols, process=process, llvm=llvm)
-    return llvm
 
 
 def _address(name: str) -> int | None:
