@@ -39,7 +39,6 @@ import importlib.util
 import logging
 import os
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -47,7 +46,7 @@ import numpy as np
 import torch
 
 from . import rng
-from .paths import cache_dir
+from .paths import cache_folders, write_into
 from .ops import OPS, machine_code, native
 from .ops.consensus import ZERO_SUM, _f32_sum
 from .ops.select import INDEX_BITS, KEEP_NONE
@@ -554,10 +553,9 @@ class NativeRegions:
         return function, random_steps
 
 
-def _folders() -> tuple[Path, Path]:
+def _folders() -> list[Path]:
     """Where generated code goes: the cache folder, else one in the temporary folder."""
-    user = os.getuid() if hasattr(os, "getuid") else 0
-    return cache_dir() / "regions", Path(tempfile.gettempdir()) / f"mergelang-regions-{user}"
+    return cache_folders("regions")
 
 
 def _load(source: str):
@@ -565,19 +563,18 @@ def _load(source: str):
     numba = native.import_numba()
     digest = hashlib.sha256((source + numba.__version__).encode()).hexdigest()[:24]
     name = f"mergelang_region_{digest}"
-    for folder in _folders():
-        path = folder / f"{name}.py"
+    folders = _folders()
+    for path in (folder / f"{name}.py" for folder in folders):
         try:
-            if not path.exists() or path.read_text() != source:
-                folder.mkdir(parents=True, exist_ok=True)
-                tmp = folder / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
-                tmp.write_text(source)
-                os.replace(tmp, path)
-            break
+            if path.read_text() == source:
+                break
         except OSError:
             continue
     else:
-        raise OSError("no folder for the generated code could be written")
+        try:
+            path = write_into(folders, f"{name}.py", source.encode())
+        except OSError:
+            raise OSError("no folder for the generated code could be written") from None
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)

@@ -34,14 +34,13 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import threading
 from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
 
-from ..paths import cache_dir
+from ..paths import cache_folders, write_into
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +216,7 @@ def digest(source: str, types: tuple[str, ...], result: str | None) -> str:
 
 
 def _folders() -> list[Path]:
-    user = os.getuid() if hasattr(os, "getuid") else 0
-    return [cache_dir() / "loops", Path(tempfile.gettempdir()) / f"mergelang-loops-{user}"]
+    return cache_folders("loops")
 
 
 def _read(name: str) -> tuple[dict, bytes] | None:
@@ -242,16 +240,10 @@ def _write(name: str, header: dict, code: bytes) -> None:
     """Store the object (atomically: a reader sees all of it or none); where no folder can be
     written, nothing is kept and the next run compiles again."""
     data = json.dumps({**header, "sha256": hashlib.sha256(code).hexdigest()}).encode() + b"\n" + code
-    for folder in _folders():
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
-            tmp.write_bytes(data)
-            os.replace(tmp, folder / f"{name}.o")
-            return
-        except OSError:
-            continue
-    log.debug("no folder for the compiled loops could be written")
+    try:
+        write_into(_folders(), f"{name}.o", data)
+    except OSError:
+        log.debug("no folder for the compiled loops could be written")
 
 
 def _link(header: dict, code: bytes) -> int:
