@@ -437,8 +437,8 @@ class NativeRegions:
         float32 CPU tensor of their shape (else into a new one); None where this region stays eager
         (nothing computed). `taps`: (step, loop of TAP_LOOPS, int64 CPU arrays, uint32 constants)
         for each value of the region whose rows the loop also passes to that loop with those
-        arguments (a reduction's pass: see tapped.py). `wait`: for numba and for the loop where
-        another thread is loading or building them, instead of leaving the chunk eager.
+        arguments (a reduction's pass: see tapped.py). `wait`: for the loop where another thread
+        is linking or building it, instead of leaving the chunk eager.
         `taps_only`: the loop runs for its taps, storing nothing (`out` is ignored); True once it ran."""
         count = (r1 - r0) * evaluator.row_size
         if count < native.MIN_ELEMENTS or not self.may_run(evaluator.device) or not supported(steps):

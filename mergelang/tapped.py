@@ -9,9 +9,9 @@ Several reductions of one tensor whose roots read the same loads (ties' top-k of
 delta from one base, dare's l1 sums) take their first pass together: one loop computes all of their
 roots chunk by chunk and hands each its values, reading the shared loads once per chunk instead of
 once per reduction. (A top-k select picks its bracket from its first chunk's histogram and then
-notes that chunk: the loop runs over the first chunk twice.) That
-loop stores nothing: nothing reads the sum, and storing it cost ties' joint pass 10-15% of its time.
-Each reducer sees the same values in the same order as alone, so its result is the same.
+notes that chunk: the loop runs over the first chunk twice.) That loop stores nothing: nothing
+reads the sum, and storing it cost ties' joint pass 10-15% of its time. Each reducer sees the same
+values in the same order as alone, so its result is the same.
 """
 
 from __future__ import annotations
@@ -87,14 +87,15 @@ def plan(evaluator, native, inputs, reducer) -> Member:
 def first_passes(evaluator, members: list[Member]) -> list[bool]:
     """Pass 0 of each member inside native loops; for each, whether it was (False: nothing done).
 
-    A member's first chunk runs in its own loop (the reducer's `tapped_chunk`, where it has one,
-    then gets the root's values of that chunk), waiting for it where another thread is loading it;
-    a member whose loop refuses the chunk is left out. The later chunks of two or more members run
-    in one loop over the region of all their roots (or, where that loop is not there yet, in their
-    own), and so does the first where no member has a `tapped_chunk` (sums); alone, a member keeps
-    its own loop. The root is kept whole when it fits the budget, as
-    keep_inputs would, except with keep_loads (the loads are kept: shared_loads) or several members.
-    A chunk a loop leaves out (a short last one) is evaluated eagerly."""
+    The chunks of two or more members run in one loop over the region of all their roots (or,
+    where that loop is not there yet, in their own); the first chunk too, where all of them are
+    selects (run twice: _note_first_chunk) or none is (sums). Otherwise, and for a member alone,
+    a member's first chunk runs in its own loop (the reducer's `tapped_chunk`, where it has one,
+    then gets the root's values of that chunk). A first chunk waits for its loop where another
+    thread is loading it; a member whose loop refuses it is left out. The root is kept whole when
+    it fits the budget, as keep_inputs would, except with keep_loads (the loads are kept:
+    shared_loads) or several members. A chunk a loop leaves out (a short last one) is evaluated
+    eagerly."""
     native = getattr(evaluator.fuser, "native", None)
     active = [m for m in members if m.root is not None]
     if not active:
@@ -129,7 +130,7 @@ def first_passes(evaluator, members: list[Member]) -> list[bool]:
                     _note_first_chunk(evaluator, native, joint, active, r1)
                 continue
         for m in list(active):
-            # the first chunk waits for numba or a loop another thread is loading: left eager, the
+            # the first chunk waits for a loop another thread is linking or building: left eager, the
             # whole first pass would be
             value = native.rows_of(evaluator, m.steps, r0, r1, part, m.taps, wait=r0 == 0)
             if value is None and r0 == 0:

@@ -342,9 +342,8 @@ class RankCutoff:
         """After a native loop's chunk of the first pass, its values x: the first one sets the bracket
         and notes its entries (the loop binned them)."""
         if not self.state[BRACKETED]:
-            self._bracket(x.numel())
-            self.state[NEXT] -= x.numel()  # back to the chunk's first entry
-            note_bracket(x, self.state, self.positions, self.magnitudes)
+            self.bracket_binned(x.numel())  # note_bracket counts nothing above: no count to put back
+            self.note_chunk(x)
 
     def bracket_binned(self, count: int):
         """After a joint loop binned the first chunk (`count` entries) for this select (tapped.py):
