@@ -95,6 +95,22 @@ def ulp_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (ordered(a) - ordered(b)).abs()
 
 
+def assert_close_to_terms(ours: dict, theirs: dict, terms: dict, *, max_ulp: int = 2):
+    """Sums of the same terms added in another order (a matrix product's, which the BLAS kernel a
+    machine picks decides): each entry within `max_ulp` ulps of the magnitude of its terms
+    (`terms[name]`, e.g. |a| + |b| for a + b), the bound on such a difference. Not within ulps of
+    the sum itself: where the terms cancel, the sum's own ulp is far finer than their rounding."""
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        a, b = ours[name], theirs[name]
+        assert a.shape == b.shape == terms[name].shape, name
+        eps = torch.finfo(a.dtype).eps  # an ulp of x is at most eps * |x|
+        bound = max_ulp * eps * terms[name].double() + torch.finfo(a.dtype).tiny
+        excess = (a.double() - b.double()).abs() - bound
+        assert excess.max().item() <= 0, f"{name}: {(excess > 0).double().mean():.2%} of entries differ by " \
+                                         f"more than {max_ulp} ulp of their terms"
+
+
 def assert_close_ulp(ours: dict, theirs: dict, *, max_ulp: int = 1, allow_mismatch: float = 0.0):
     """Every tensor equal within max_ulp ulps of its dtype; `allow_mismatch` is the fraction of entries
     allowed beyond that (top-k ties, where both tools may legitimately keep different entries)."""

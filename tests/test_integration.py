@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 from conftest import digests
 from mergelang.cli import main
 from mergelang.demo import TINY_LLAMA, make_tiny_llama
-from oracle import assert_close_ulp, load_folder
+from oracle import assert_close_to_terms, load_folder
 from test_hub_cache import add_snapshot
 from test_io_bin import to_bin
-from test_lora import make_adapter, peft_merged
+from test_lora import lora_terms, make_adapter, peft_merged
 
 transformers = pytest.importorskip("transformers")
 
@@ -100,20 +100,23 @@ def stacked(parts: list[tuple[dict, int, int]]) -> dict[str, torch.Tensor]:
     return out
 
 
-def assert_equal_tensors(ours: dict, expected: dict, lora_names: set[str] = frozenset()) -> None:
-    """Equal bits, except tensors with a LoRA delta: within 2 ulp of PEFT's (the product's order)."""
+def assert_equal_tensors(ours: dict, expected: dict, lora_terms: dict | None = None) -> None:
+    """Equal bits, except tensors with a LoRA delta (the keys of `lora_terms`, test_lora.lora_terms):
+    within 2 ulp of their terms of PEFT's, which may sum the product in another order."""
+    lora_terms = lora_terms or {}
     assert sorted(ours) == sorted(expected)
-    exact = {n: ours[n] for n in ours if n not in lora_names}
+    exact = {n: ours[n] for n in ours if n not in lora_terms}
     assert all(torch.equal(exact[n], expected[n]) for n in exact), \
         [n for n in exact if not torch.equal(exact[n], expected[n])]
-    assert_close_ulp({n: ours[n] for n in lora_names}, {n: expected[n] for n in lora_names}, max_ulp=2)
+    assert_close_to_terms({n: ours[n] for n in lora_terms}, {n: expected[n] for n in lora_terms}, lora_terms)
 
 
-def lora_changed(parts, tensors) -> set[str]:
-    """Names of the hand-made stack's tensors that carry a LoRA delta (they differ from the base's)."""
+def lora_changed(parts, tensors) -> dict[str, torch.Tensor]:
+    """The hand-made stack's tensors that carry a LoRA delta (they differ from the base's), each with
+    a bound on its terms."""
     base = stacked([(tensors["base"], s, e) if src is tensors["lora"] else (src, s, e) for src, s, e in parts])
     out = stacked(parts)
-    return {n for n in out if not torch.equal(out[n], base[n])}
+    return lora_terms(base, {n: out[n] for n in out if not torch.equal(out[n], base[n])})
 
 
 # ---- stacked outputs from a .bin model, a hub id and base + lora --------------------------------
@@ -137,7 +140,7 @@ def test_stack_of_lora_bin_and_hub_parts(world, tensors, stack_out):
     expected = stacked(parts)
     changed = lora_changed(parts, tensors)
     # the adapter targets q_proj, v_proj, down_proj and the embeddings: all in the first part
-    assert changed == {"model.embed_tokens.weight"} | {layer(n, k) for k in (0, 1) for n in
+    assert changed.keys() == {"model.embed_tokens.weight"} | {layer(n, k) for k in (0, 1) for n in
                                                        ("self_attn.q_proj.weight", "self_attn.v_proj.weight",
                                                         "mlp.down_proj.weight")}
     assert_equal_tensors(load_folder(stack_out), expected, changed)
@@ -557,7 +560,8 @@ def test_imported_lora_and_hub_id_run_and_verify(world, tensors, tmp_path):
     assert result.exit_code == 0 and result.output.endswith("identical\n"), result.output
     ours = load_folder(tmp_path / "out")
     expected = {n: (0.5 * tensors["lora"][n] + 0.5 * tensors["hub"][n]) / 1.0 for n in tensors["base"]}
-    assert_close_ulp(ours, expected, max_ulp=2)
+    terms = lora_terms(tensors["base"], tensors["lora"])
+    assert_close_to_terms(ours, expected, {n: 0.5 * terms[n] + 0.5 * tensors["hub"][n].abs() for n in expected})
 
 
 def test_tied_bin_model_stands_in_its_embeddings_for_the_head(world, tensors, tmp_path):
@@ -586,7 +590,10 @@ def test_lora_over_a_tied_base_changes_the_head_it_stands_in_for(world, tensors,
             f'ad = lora("{tmp_path / "tied_adapter"}", base=tied)\noutput avg(base, tied + ad)\n')
     ours = load_folder(run(world, spec, "tied_lora"))
     expected = {n: (tensors["base"][n] + merged[n]) / 2 for n in tensors["base"]}
-    assert_close_ulp(ours, expected, max_ulp=2)
+    tied_base = load_file(tmp_path / "tied" / "model.safetensors")
+    tied_base.setdefault("lm_head.weight", tied_base["model.embed_tokens.weight"])
+    terms = lora_terms(tied_base, merged)
+    assert_close_to_terms(ours, expected, {n: 0.5 * tensors["base"][n].abs() + 0.5 * terms[n] for n in expected})
 
 
 def test_imported_tokenizer_source_of_a_lora_base_names_its_model(world, tensors, tmp_path):
@@ -605,7 +612,8 @@ def test_imported_tokenizer_source_of_a_lora_base_names_its_model(world, tensors
     assert result.exit_code == 0 and result.output.endswith("identical\n"), result.output
     lora, hub = tensors["lora"], tensors["hub"]
     expected = {n: lora[n] + 0.5 * (hub[n] - lora[n]) for n in tensors["base"]}
-    assert_close_ulp(load_folder(tmp_path / "out"), expected, max_ulp=2)
+    terms = lora_terms(tensors["base"], lora)
+    assert_close_to_terms(load_folder(tmp_path / "out"), expected, {n: terms[n] + hub[n].abs() for n in expected})
 
 
 def test_import_refuses_a_tokenizer_source_that_is_an_intermediate_merge(tmp_path):
