@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from mergelang.api import RunOptions, check
-from mergelang.execute import ExecOptions, evaluate_in_memory, tune_malloc
+from mergelang.execute import ExecOptions, evaluate_in_memory
+from mergelang.memory import tune_malloc
 from mergelang.graph import walk
 
 

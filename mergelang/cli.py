@@ -22,8 +22,8 @@ from . import __version__  # noqa: E402
 from .api import RunOptions, check, parse_size, write_plan  # noqa: E402
 from .ast import Source  # noqa: E402
 from .diagnostics import INTERRUPTED, Diagnostic, MergelangError, Reporter  # noqa: E402
-from .execute import tune_malloc  # noqa: E402
 from .io import CheckpointError  # noqa: E402
+from .memory import tune_malloc  # noqa: E402
 
 tune_malloc()  # before any thread allocates
 gc.freeze()

@@ -25,6 +25,7 @@ from .io.torch_bin import BinCheckpoint
 from .overlap import ReadAhead, WriteBehind, for_each_parallel
 from .fuse import Fuser, default_mode
 from .graph import Node, walk
+from .memory import tune_malloc
 from .ops import OPS, KernelContext
 from .rng import derive_key
 from .schedule import is_leaf, region
@@ -300,29 +301,6 @@ def evaluate_in_memory(tp: TensorPlan, inputs: dict[str, torch.Tensor], options:
 
     parts = [values.reshape(-1) for _, values in TensorEvaluator(tp, read, options).output_chunks()]
     return torch.cat(parts).reshape(tp.shape) if parts else torch.empty(tp.shape)
-
-
-def tune_malloc() -> None:
-    """Ask glibc to keep freed memory for reuse, in one arena, instead of returning it to the OS.
-
-    Each chunk allocates a few fresh buffers of a few MB, and each tensor a few whole values of tens
-    of MB. By default glibc maps and unmaps each large block, and every first touch of a new page
-    faults and zeroes it: that cost more time than the arithmetic. With a high mmap and trim
-    threshold freed blocks are reused, and the peak stays what is live. One arena: a thread's own
-    arena grows in heaps of at most 64 MB, handing larger blocks back to mmap, and gives memory back
-    as it shrinks (two workers' arenas faulted in 1.3 GB on a `dare_linear` of 0.95 GB models;
-    one, 0.7 GB, the size of the peak). Call it before the threads start (cli does on import).
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to tune
-        return
-    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, 1 << 30)
-    libc.mallopt(m_arena_max, 1)
 
 
 def _predicted_reads(plan: Plan, options: ExecOptions):

@@ -9,14 +9,16 @@ makes thousands of such calls: `import mergelang.cli` mapped and unmapped 10,000
 decides how many: moved a few calls deeper, it was 800. Called from `_roomy`, whose frame reserves
 64 KB of stack slots, everything runs in one chunk of 128 KB taken once: 2 chunks mapped in all.
 
-For the commands that merge, a thread first reads ahead the files loaded after torch (prefetch.py).
+For the commands that merge, malloc is told first to keep freed memory (memory.tune_malloc: before
+any other thread starts, so that all share one arena), then a thread touches the heap the merge
+will use and reads ahead the files loaded after torch (prefetch.py), while this one imports torch.
 """
 
 from __future__ import annotations
 
 import sys
 
-from . import prefetch
+from . import memory, prefetch
 
 ROOM_SLOTS = 1 << 13  # stack slots of 8 bytes: a frame of 64 KB, so a chunk of 128 KB half free
 
@@ -28,12 +30,13 @@ def _roomy(command):
 _roomy.__code__ = _roomy.__code__.replace(co_stacksize=ROOM_SLOTS)
 
 
-MERGES = ("run", "demo")  # the commands that merge: they load numba and its loops after torch
+MERGES = ("run", "demo")  # the commands that merge: they load their loops after torch
 
 
 def entry() -> None:
     if sys.argv[1:2] and sys.argv[1] in MERGES:
-        prefetch.start()
+        memory.tune_malloc()
+        prefetch.start(warm_bytes=memory.WARM_BYTES)
 
     def command() -> None:
         from .cli import entry as cli_entry

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mergelang import launch, prefetch
+from mergelang import launch, memory, prefetch
 
 
 def test_the_files_are_the_compiled_modules_libraries_and_stored_loops(tmp_path, monkeypatch):
@@ -77,10 +77,21 @@ def test_reading_ahead_brings_whole_files_into_the_page_cache_and_skips_the_rest
 
 @pytest.mark.parametrize("argv,started", [(["run", "x.ml"], True), (["demo", "d"], True),
                                           (["check", "x.ml"], False), ([], False)])
-def test_only_the_merging_commands_read_ahead(monkeypatch, argv, started):
+def test_only_the_merging_commands_read_ahead_and_warm_the_heap(monkeypatch, argv, started):
     calls = []
-    monkeypatch.setattr(prefetch, "start", lambda: calls.append(time.monotonic()))
+    monkeypatch.setattr(memory, "tune_malloc", lambda: calls.append("tune"))
+    monkeypatch.setattr(prefetch, "start", lambda warm_bytes: calls.append(("start", warm_bytes)))
     monkeypatch.setattr(launch, "_roomy", lambda command: None)  # the command itself is not run
     monkeypatch.setattr(sys, "argv", ["mergelang", *argv])
     launch.entry()
-    assert bool(calls) == started
+    # malloc is tuned before the thread starts: a thread allocating first would get its own arena
+    assert calls == (["tune", ("start", memory.WARM_BYTES)] if started else [])
+
+
+def test_the_thread_warms_the_heap_then_reads_ahead(monkeypatch):
+    calls = []
+    monkeypatch.setattr(prefetch, "files", lambda: [Path("f")])
+    monkeypatch.setattr(prefetch, "read_ahead", lambda paths: calls.append(("read", paths)))
+    monkeypatch.setattr(prefetch, "warm_heap", lambda nbytes: calls.append(("warm", nbytes)))
+    prefetch._run(5 << 20)
+    assert calls == [("warm", 5 << 20), ("read", [Path("f")])]

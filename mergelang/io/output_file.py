@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import mmap
 import os
 import threading
 from collections import deque
 from pathlib import Path
 from typing import Callable
 
+from ..memory import PAGE, aligned_buffer
+
 ENV = "MERGELANG_DIRECT_IO"
-PAGE = 4096
 STAGE_BYTES = 4 << 20
 MAX_RUNS = 8
 IN_FLIGHT = 2  # full runs handed to the disk thread and not yet written
@@ -114,7 +114,7 @@ class Staging:
         with self._free_lock:
             if self._free:
                 return self._free.pop()
-        return memoryview(mmap.mmap(-1, self.nbytes))
+        return aligned_buffer(self.nbytes)
 
     def give(self, buffer: memoryview) -> None:
         with self._free_lock:
@@ -310,7 +310,7 @@ class OutputFile:
             stop = min(end, base + PAGE)
             page = self._pages.get(index)
             if page is None:
-                page = self._pages[index] = [mmap.mmap(-1, PAGE), 0]
+                page = self._pages[index] = [aligned_buffer(PAGE), 0]
             page[0][position - base : stop - base] = data[position - offset : stop - offset]
             page[1] += stop - position
             if page[1] >= min(PAGE, self.size - base):
