@@ -2,12 +2,13 @@
 and page-aligned buffers taken from malloc's heap.
 
 The first touch of a fresh page costs a fault and the zeroing of 4 KB, and on the virtual machines
-this was measured on often much more: 2.4-9.4 µs per page (0.6-2.4 s per GB) where a touch of memory
-the process already holds costs nothing. A `ties` merge of 0.95 GB models takes about 380 MB of
-fresh memory, half while torch loads and half while it computes: 15% of its CPU samples were the
-kernel zeroing pages in one profile. Memory malloc keeps for reuse (`tune_malloc`) is touched once,
-so `warm_heap` touches the heap a merge will use ahead of time, on a thread, while the main thread
-imports torch on the other core.
+this was measured on often much more: 2.4-13 µs per page (0.6-3.3 s per GB; the host backs anew
+the memory the guest freed a while ago), where a touch of memory the process already holds costs
+nothing. A `ties` merge of 0.95 GB models takes about 380 MB of fresh memory, half while torch
+loads and half while it computes: 15% of its CPU samples were the kernel zeroing pages in one
+profile. Memory that malloc keeps for reuse (`tune_malloc`) is touched once, so `warm_heap`
+touches the heap a merge will use ahead of time, on a thread, while the main thread imports torch
+on the other core.
 """
 
 from __future__ import annotations
