@@ -17,7 +17,11 @@ Each merge is run by both tools, alternating, under GNU time (`/usr/bin/time -v`
 resident set size; wall time is measured around the process. Before any timing, every input file is
 read once (untimed) so that all runs find the inputs in the page cache; before each run, untimed,
 `sync` writes back what the runs before it left dirty (mergekit does not fsync its output: the
-kernel wrote it back during the next run) and the merge's inputs are read again. The floor is what the machine
+kernel wrote it back during the next run) and the merge's inputs are read again, and so is every file
+of the Python environment (standard library, libpython, installed packages; `--cold-environment`
+leaves them out): the kernel drops pages left idle for 30 s, so after mergekit's long runs the
+parts of torch's libraries that only a start reads were gone for mergelang, while mergekit, run
+after mergelang's short runs, found them cached. The floor is what the machine
 needs at least for that merge: reading each of its inputs once from the page cache (each read timed
 right after an untimed one, as the tools' inputs are read before each run: the kernel here drops
 cached pages left idle, and a cold read took 2-4 times as long), and writing and fsyncing one
@@ -40,6 +44,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -361,6 +366,43 @@ def warm_page_cache(root: Path, models: tuple[str, ...] = MODELS) -> tuple[int, 
     return sum(f.stat().st_size for f in files), elapsed
 
 
+# Folders of the standard library that no tool loads.
+UNLOADED = ("site-packages", "test", "idlelib", "tkinter", "turtledemo", "ensurepip")
+
+
+@functools.cache
+def environment_files() -> tuple[Path, ...]:
+    """The files both tools load from: this Python's standard library (without its tests and its
+    own site-packages) and shared library, and the environment's installed packages."""
+    paths = sysconfig.get_paths()
+    found = []
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        for folder, dirs, names in os.walk(paths[key]):
+            if key in ("stdlib", "platstdlib") and folder == paths[key]:
+                dirs[:] = [d for d in dirs if d not in UNLOADED]
+            found += [Path(folder, n) for n in names]
+    libdir = sysconfig.get_config_var("LIBDIR")
+    found += [Path(libdir, n) for n in os.listdir(libdir) if n.startswith("libpython")] if libdir else []
+    return tuple(sorted({p for p in found if p.is_file() and not p.is_symlink()}))
+
+
+def warm_environment() -> tuple[int, float]:
+    """Read every environment file once (untimed): the tools' own libraries and modules, in the page
+    cache as their inputs are."""
+    files = list(environment_files())
+    start = time.perf_counter()
+    buffer = memoryview(bytearray(READ_BUFFER_BYTES))
+    total = 0
+    for path in files:
+        try:
+            with open(path, "rb", buffering=0) as f:
+                while n := f.readinto(buffer):
+                    total += n
+        except OSError:
+            continue
+    return total, time.perf_counter() - start
+
+
 # ---------------------------------------------------------------------------------------------------
 # Running the tools.
 
@@ -471,12 +513,17 @@ def _clean(out: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def settle(root: Path, inputs: tuple[str, ...]) -> None:
+def settle(root: Path, inputs: tuple[str, ...], environment: bool = True) -> None:
     """Before a timed run, untimed: flush what earlier runs left to write back (mergekit does not
     fsync its output, and the kernel would write it during the next run), and read the merge's
-    inputs into the page cache again (this machine's host reclaims idle page cache)."""
+    inputs into the page cache again (this machine's host reclaims idle page cache), and the
+    Python environment's files: after mergekit's long runs, the parts of torch's libraries that
+    only its start had read were evicted, where mergekit, run after mergelang's short runs, always
+    found them cached (the pages it faulted in from disk cost mergelang's `ties` 0.45 s)."""
     os.sync()
     warm_page_cache(root, inputs)
+    if environment:
+        warm_environment()
 
 
 def run_tool(result: Result, cmd: list[str], out: Path, log: Path, keep: bool,
@@ -574,6 +621,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-outputs", action="store_true", help="keep the last output of each tool and merge")
     p.add_argument("--depth-check", action="store_true",
                    help="also run mergelang `linear` on families of 4 and 16 layers")
+    p.add_argument("--cold-environment", action="store_true",
+                   help="do not read the Python environment's files before each run (only the inputs)")
     p.add_argument("--depth-merge", default="linear", choices=list(MERGES), help=argparse.SUPPRESS)
     p.add_argument("--hidden", type=int, default=2048, help=argparse.SUPPRESS)
     p.add_argument("--intermediate", type=int, default=5440, help=argparse.SUPPRESS)
@@ -614,6 +663,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args.bytecode = compile_bytecode()
     warm_bytes, warm_s = warm_page_cache(root)
+    env_bytes = 0 if args.cold_environment else warm_environment()[0]
     floor = measure_floor(root, workdir, args.runs)
     size = model_bytes(root / "base")
 
@@ -625,7 +675,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{merge.name}:", file=sys.stderr, flush=True)
         for i in range(args.runs):
             keep = args.keep_outputs and i == args.runs - 1
-            prepare = functools.partial(settle, root, merge.inputs)
+            prepare = functools.partial(settle, root, merge.inputs, not args.cold_environment)
             if not args.skip_mergekit:
                 out = outs / f"mergekit-{merge.name}"
                 run_tool(mk, mergekit_command(yaml, out), out, logs / f"mergekit-{merge.name}-{i}.log", keep,
@@ -650,10 +700,10 @@ def main(argv: list[str] | None = None) -> None:
                 out = outs / f"mergelang-{merge.name}-l{layers}"
                 run_tool(res, mergelang_command(spec, out), out,
                          logs / f"mergelang-{merge.name}-l{layers}-{i}.log", False,
-                         functools.partial(settle, r, merge.inputs))
+                         functools.partial(settle, r, merge.inputs, not args.cold_environment))
             depth_rows.append((layers, s.params(), model_bytes(r / "base"), res))
 
-    report(args, shape, size, warm_bytes, warm_s, floor, results, depth_rows, workdir)
+    report(args, shape, size, warm_bytes, warm_s, env_bytes, floor, results, depth_rows, workdir)
 
 
 def depth_summary(depth_rows) -> str:
@@ -672,7 +722,7 @@ def depth_summary(depth_rows) -> str:
     return text
 
 
-def report(args, shape, size, warm_bytes, warm_s, floor, results, depth_rows, workdir) -> None:
+def report(args, shape, size, warm_bytes, warm_s, env_bytes, floor, results, depth_rows, workdir) -> None:
     print(f"## mergelang vs mergekit: {shape.layers}-layer Llama family, bf16\n")
     print(f"Family: hidden {shape.hidden}, intermediate {shape.intermediate}, vocab {shape.vocab}, "
           f"{shape.layers} layers, {shape.heads} heads / {shape.kv_heads} kv heads, untied lm_head: "
@@ -716,7 +766,10 @@ def report(args, shape, size, warm_bytes, warm_s, floor, results, depth_rows, wo
     print(f"Page cache: warmed before timing by one untimed read of every input file "
           f"({warm_bytes / GB:.2f} GB in {warm_s:.1f} s). Before each timed run, untimed: the last output "
           f"is deleted, `sync` writes back what earlier runs left dirty (mergekit does not fsync its "
-          f"output), and the merge's inputs are read once more.")
+          f"output), and the merge's inputs are read once more"
+          + ("." if args.cold_environment else
+             f", and so is every file of the Python environment ({env_bytes / GB:.2f} GB: the standard "
+             f"library, libpython and the installed packages), which both tools load from."))
     print("mergelang's modules were compiled to bytecode before timing, as installing a wheel does."
           if args.bytecode else "mergelang's modules could not be compiled to bytecode before timing.")
     print(f"Runs: {args.runs} per tool and merge, the tools alternating; wall = median, peak RSS = largest "
