@@ -37,9 +37,10 @@ def faults(mode: str) -> int:
 @glibc
 def test_a_warmed_heap_serves_the_next_blocks_without_faults():
     cold, warm = faults("cold"), faults("warm")
-    pages = (48 << 20) // memory.PAGE
-    assert cold >= pages // 2  # each fresh page faults (fewer where the kernel maps huge pages)
-    assert warm < pages // 20  # the pages were touched ahead and kept by malloc
+    # cold, each fresh page faults (12k here; a few dozen where the kernel maps huge pages); warm,
+    # the pages were touched ahead and kept by malloc
+    assert warm * 10 < cold
+    assert warm < (48 << 20) // memory.PAGE // 20
 
 
 @pytest.mark.parametrize("nbytes", [memory.PAGE, 4 << 20])
