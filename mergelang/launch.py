@@ -36,7 +36,7 @@ MERGES = ("run", "demo")  # the commands that merge: they load their loops after
 def entry() -> None:
     if sys.argv[1:2] and sys.argv[1] in MERGES:
         memory.tune_malloc()
-        prefetch.start(warm_bytes=memory.WARM_BYTES)
+        prefetch.start(warm_bytes=memory.warm_bytes())
 
     def command() -> None:
         from .cli import entry as cli_entry

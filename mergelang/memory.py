@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
 
 PAGE = 4096
 # Heap touched ahead by `warm_heap` for a merge: below what the benchmark merges keep in malloc's
-# heap at their peak (150-220 MB), so their peak memory does not grow.
+# heap at their peak (150-220 MB), so their peak memory does not grow; at most a sixteenth of the
+# memory free when the merge starts (`warm_bytes`).
 WARM_BYTES = 160 << 20
 WARM_PIECE = 8 << 20
 
@@ -58,6 +60,16 @@ def tune_malloc() -> None:
     libc.mallopt(m_mmap_threshold, 1 << 30)
     libc.mallopt(m_trim_threshold, 1 << 30)
     libc.mallopt(m_arena_max, 1)
+
+
+def warm_bytes() -> int:
+    """How much of the heap a merge touches ahead: WARM_BYTES, or a sixteenth of the memory free
+    now where that is less (a small machine keeps its memory for the merge itself)."""
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no such query here: the default stands
+        return WARM_BYTES
+    return max(0, min(WARM_BYTES, free // 16 // WARM_PIECE * WARM_PIECE))
 
 
 def warm_heap(nbytes: int = WARM_BYTES, piece: int = WARM_PIECE) -> bool:

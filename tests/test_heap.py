@@ -58,3 +58,10 @@ def test_aligned_buffers_start_on_a_page_and_are_zeroed_and_writable(nbytes):
 
 def test_warm_heap_does_nothing_for_no_bytes():
     assert memory.warm_heap(0) is False
+
+
+@pytest.mark.parametrize("free_mb,expected_mb", [(64 << 10, 160), (1024, 64), (100, 0)])
+def test_the_heap_warmed_is_at_most_a_sixteenth_of_the_free_memory(monkeypatch, free_mb, expected_mb):
+    sizes = {"SC_AVPHYS_PAGES": free_mb << 8, "SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(os, "sysconf", sizes.__getitem__)
+    assert memory.warm_bytes() == expected_mb << 20

@@ -80,12 +80,13 @@ def test_reading_ahead_brings_whole_files_into_the_page_cache_and_skips_the_rest
 def test_only_the_merging_commands_read_ahead_and_warm_the_heap(monkeypatch, argv, started):
     calls = []
     monkeypatch.setattr(memory, "tune_malloc", lambda: calls.append("tune"))
+    monkeypatch.setattr(memory, "warm_bytes", lambda: 3 << 20)
     monkeypatch.setattr(prefetch, "start", lambda warm_bytes: calls.append(("start", warm_bytes)))
     monkeypatch.setattr(launch, "_roomy", lambda command: None)  # the command itself is not run
     monkeypatch.setattr(sys, "argv", ["mergelang", *argv])
     launch.entry()
     # malloc is tuned before the thread starts: a thread allocating first would get its own arena
-    assert calls == (["tune", ("start", memory.WARM_BYTES)] if started else [])
+    assert calls == (["tune", ("start", 3 << 20)] if started else [])
 
 
 def test_the_thread_warms_the_heap_then_reads_ahead(monkeypatch):
