@@ -18,10 +18,17 @@ takes 20 ms of Python, which the importing thread lets it run only in slices: st
 the heap was ready when torch was half loaded. Fresh pages in a `ties` run of the benchmark: 46k in
 the threads that import and compute (and 41k in this one), against 96k without; its wall time fell
 by 8% (median of 16 alternating runs, 14 of 16 pairs faster).
+
+Where mergelang ran within the kernel's eviction window, the files are cached and reading them
+ahead only costs the importing thread the GIL: a `linear` run took 60 ms longer with the read-ahead
+than without it (10 alternating runs each). So the thread reads ahead only where a sentinel file,
+one every merge reads (`sentinel`), is not wholly in the page cache (mincore).
 """
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import sys
 import threading
@@ -98,6 +105,50 @@ def read_ahead(paths: list[Path]) -> None:
             os.close(fd)
 
 
+def sentinel() -> Path:
+    """A file every merge reads, as it reads the others: mergelang's compiled command line. Where
+    it is wholly in the page cache, mergelang ran within the kernel's eviction window, and the
+    files it reads ahead are cached too."""
+    return Path(__file__).parent / "__pycache__" / f"cli.{sys.implementation.cache_tag}.pyc"
+
+
+def resident_pages(path: Path) -> tuple[int, int]:
+    """(pages of the file in the page cache, pages in all), by mincore(2) over a private mapping of
+    it, which touches no page; (0, 1) where it cannot be asked."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return 0, 0
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError):
+        return 0, 1
+    try:
+        pages = -(-len(mapping) // mmap.PAGESIZE)
+        vector = (ctypes.c_ubyte * pages)()
+        anchor = ctypes.c_char.from_buffer(mapping)  # the mapping's address
+        try:
+            if _MINCORE is None or _MINCORE(ctypes.addressof(anchor), len(mapping), vector) != 0:
+                return 0, pages
+        finally:
+            del anchor
+        return sum(v & 1 for v in vector), pages
+    finally:
+        mapping.close()
+
+
+def _libc_mincore():
+    try:
+        mincore = ctypes.CDLL(None, use_errno=True).mincore
+    except (OSError, AttributeError):
+        return None
+    mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    mincore.restype = ctypes.c_int
+    return mincore
+
+
+_MINCORE = _libc_mincore()
+
+
 def start(warm_bytes: int = 0) -> None:
     """Touch `warm_bytes` of the heap, then read ahead, on a daemon thread (the merge does not wait
     for it)."""
@@ -107,6 +158,8 @@ def start(warm_bytes: int = 0) -> None:
 def _run(warm_bytes: int) -> None:
     warm_heap(warm_bytes)
     try:
-        read_ahead(files())
+        cached, pages = resident_pages(sentinel())
+        if cached < pages:
+            read_ahead(files())
     except Exception:  # noqa: BLE001 - a hint to the kernel: nothing to report when it cannot be given
         pass

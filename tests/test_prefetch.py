@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mergelang import launch, memory, prefetch
+from mergelang.prefetch import resident_pages
 
 
 def test_the_files_are_the_compiled_modules_libraries_and_stored_loops(tmp_path, monkeypatch):
@@ -39,35 +40,38 @@ def test_the_files_are_the_compiled_modules_libraries_and_stored_loops(tmp_path,
     assert {p.name for p in found if p.parent == loops} == {"loop3.o", "loop2.o"}
 
 
-def resident_pages(path: Path) -> tuple[int, int]:
-    """(pages of the file in the page cache, pages in all), by mincore(2) over a mapping of it."""
-    import ctypes
-    import mmap
+def evicted(path: Path) -> Path:
+    """`path` written back and dropped from the page cache (skipping the test where the file
+    system keeps it whatever is advised)."""
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    if resident_pages(path)[0]:
+        pytest.skip("this file system keeps the file in memory whatever is advised")
+    return path
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    with open(path, "rb") as f:
-        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    try:
-        pages = (len(m) + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-        vec = (ctypes.c_ubyte * pages)()
-        anchor = ctypes.c_char.from_buffer(m)  # the mapping's address; no page is touched
-        assert libc.mincore(ctypes.addressof(anchor), len(m), vec) == 0, ctypes.get_errno()
-        del anchor
-        return sum(v & 1 for v in vec), pages
-    finally:
-        m.close()
+
+def test_resident_pages_counts_the_pages_in_the_page_cache(tmp_path):
+    real = tmp_path / "f.bin"
+    real.write_bytes(os.urandom(5 * 4096 + 1))
+    evicted(real)
+    assert resident_pages(real) == (0, 6)
+    with open(real, "rb") as f:
+        f.seek(2 * 4096)
+        f.read(4096)  # the third page (and whatever the kernel reads around it)
+    assert 1 <= resident_pages(real)[0] <= 6
+    real.read_bytes()
+    assert resident_pages(real) == (6, 6)
+    (tmp_path / "empty").write_bytes(b"")
+    assert resident_pages(tmp_path / "empty") == (0, 0)
+    assert resident_pages(tmp_path / "missing") == (0, 1)
 
 
 def test_reading_ahead_brings_whole_files_into_the_page_cache_and_skips_the_rest(tmp_path):
     real = tmp_path / "f.bin"
     real.write_bytes(os.urandom(24 << 20))  # several requests' steps, more than a read-ahead window
-    fd = os.open(real, os.O_RDONLY)
-    os.fsync(fd)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
-    if resident_pages(real)[0]:
-        pytest.skip("this file system keeps the file in memory whatever is advised")
+    evicted(real)
     prefetch.read_ahead([tmp_path / "missing", tmp_path, real])  # a folder opens but is not advised
     deadline = time.monotonic() + 10
     while resident_pages(real)[0] < resident_pages(real)[1] and time.monotonic() < deadline:
@@ -89,10 +93,21 @@ def test_only_the_merging_commands_read_ahead_and_warm_the_heap(monkeypatch, arg
     assert calls == (["tune", ("start", 3 << 20)] if started else [])
 
 
-def test_the_thread_warms_the_heap_then_reads_ahead(monkeypatch):
+@pytest.mark.parametrize("sentinel_pages,reads", [((3, 8), True), ((0, 1), True), ((8, 8), False)])
+def test_the_thread_warms_the_heap_then_reads_ahead_unless_the_sentinel_is_cached(monkeypatch, sentinel_pages,
+                                                                                  reads):
     calls = []
     monkeypatch.setattr(prefetch, "files", lambda: [Path("f")])
     monkeypatch.setattr(prefetch, "read_ahead", lambda paths: calls.append(("read", paths)))
     monkeypatch.setattr(prefetch, "warm_heap", lambda nbytes: calls.append(("warm", nbytes)))
+    monkeypatch.setattr(prefetch, "resident_pages", lambda path: sentinel_pages)
     prefetch._run(5 << 20)
-    assert calls == [("warm", 5 << 20), ("read", [Path("f")])]
+    assert calls == [("warm", 5 << 20)] + ([("read", [Path("f")])] if reads else [])
+
+
+def test_the_sentinel_is_read_by_every_merge():
+    """The compiled command line, which `run` and `demo` import (where bytecode is written)."""
+    import mergelang.cli
+
+    assert prefetch.sentinel().name.startswith("cli.") and prefetch.sentinel().parent.name == "__pycache__"
+    assert Path(mergelang.cli.__cached__) == prefetch.sentinel()
