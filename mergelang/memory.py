@@ -41,6 +41,17 @@ def _libc():
     return libc
 
 
+def libc_function(name: str, *argtypes, restype=ctypes.c_int):
+    """A function of the process's C library through ctypes (which releases the GIL for each call,
+    errno kept for ctypes.get_errno), or None where it has none by that name."""
+    try:
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = argtypes, restype
+    return function
+
+
 def tune_malloc() -> None:
     """Ask glibc to keep freed memory for reuse, in one arena, instead of returning it to the OS.
 

@@ -35,7 +35,7 @@ import threading
 from importlib.util import find_spec
 from pathlib import Path
 
-from .memory import warm_heap
+from .memory import libc_function, warm_heap
 from .paths import cache_dir
 
 PACKAGES = ("llvmlite", "networkx", "lark")
@@ -136,17 +136,7 @@ def resident_pages(path: Path) -> tuple[int, int]:
         mapping.close()
 
 
-def _libc_mincore():
-    try:
-        mincore = ctypes.CDLL(None, use_errno=True).mincore
-    except (OSError, AttributeError):
-        return None
-    mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
-    mincore.restype = ctypes.c_int
-    return mincore
-
-
-_MINCORE = _libc_mincore()
+_MINCORE = libc_function("mincore", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
 
 
 def start(warm_bytes: int = 0) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
@@ -12,6 +13,7 @@ from typing import Callable
 import torch
 
 from mergelang.io.safetensors_format import DTYPES, CheckpointError, TensorInfo, byte_view, read_header
+from mergelang.memory import libc_function
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -56,22 +58,9 @@ def map_range(fd: int, offset: int, nbytes: int) -> torch.Tensor | None:
     return tensor
 
 
-def _libc_madvise():
-    """libc's madvise through ctypes, which releases the GIL for the call; None where there is none."""
-    if not hasattr(mmap, "MADV_WILLNEED"):
-        return None
-    try:
-        import ctypes
-
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    madvise.restype = ctypes.c_int
-    return madvise
-
-
-_MADVISE = _libc_madvise()
+# libc's madvise through ctypes, which releases the GIL for the call; None where there is none.
+_MADVISE = (libc_function("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            if hasattr(mmap, "MADV_WILLNEED") else None)
 
 
 def _read_ahead(mapping: mmap.mmap, address: int) -> None:

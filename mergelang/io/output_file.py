@@ -26,7 +26,7 @@ from collections import deque
 from pathlib import Path
 from typing import Callable
 
-from ..memory import PAGE, aligned_buffer
+from ..memory import PAGE, aligned_buffer, libc_function
 
 ENV = "MERGELANG_DIRECT_IO"
 STAGE_BYTES = 4 << 20
@@ -47,12 +47,9 @@ def direct_io_default() -> bool:
 def _writeback_starter():
     """Linux's sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE): start writing a file's dirty pages
     to disk without waiting for them. None where it is unavailable (the final fsync does it all)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        sync_file_range = libc.sync_file_range
-    except (OSError, AttributeError):
+    sync_file_range = libc_function("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    if sync_file_range is None:
         return None
-    sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     write = 2  # SYNC_FILE_RANGE_WRITE
 
     def start(fd: int) -> None:
