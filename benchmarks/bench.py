@@ -360,6 +360,18 @@ def measure_floor(root: Path, workdir: Path, runs: int) -> Floor:
                  statistics.median(nosync), None if None in direct else statistics.median(direct))
 
 
+def measure_startup(runs: int) -> float:
+    """Median wall time of starting this Python and importing torch, which both tools do before
+    they read a byte (the floor leaves it out); the process then leaves at once (os._exit), without
+    the interpreter's teardown, as mergelang does."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import os, torch; os._exit(0)"], check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def warm_page_cache(root: Path, models: tuple[str, ...] = MODELS) -> tuple[int, float]:
     files = [f for m in models for f in weight_files(root / m)]
     elapsed = read_files(files, bytearray(READ_BUFFER_BYTES))
@@ -655,6 +667,7 @@ def main(argv: list[str] | None = None) -> None:
     warm_bytes, warm_s = warm_page_cache(root)
     env_bytes = 0 if args.cold_environment else warm_environment()[0]
     floor = measure_floor(root, workdir, args.runs)
+    args.startup_s = measure_startup(max(args.runs, 3))
     size = model_bytes(root / "base")
 
     results: dict[tuple[str, str], Result] = {}
@@ -753,6 +766,12 @@ def report(args, shape, size, warm_bytes, warm_s, env_bytes, floor, results, dep
           f"{size / GB:.3f} GB file, the faster way ({direct}{floor.write_s:.2f} s through the page cache; "
           f"{floor.write_nosync_s:.2f} s to write it into the page cache without fsync); medians of "
           f"{args.runs}. mergelang fsyncs its output; mergekit does not.")
+    print(f"Startup = starting Python and importing torch (`python -c \"import os, torch; os._exit(0)\"`), "
+          f"which both tools "
+          f"do before they read a byte: {args.startup_s:.2f} s (median of {max(args.runs, 3)}). "
+          f"mergelang / (floor + startup): "
+          + ", ".join(f"{m.name} {_ratio(results[m.name, 'mergelang'].wall, floor.for_inputs(m.inputs) + args.startup_s)}"
+                      for m in args.merges) + ".")
     print(f"Page cache: warmed before timing by one untimed read of every input file "
           f"({warm_bytes / GB:.2f} GB in {warm_s:.1f} s). Before each timed run, untimed: the last output "
           f"is deleted, `sync` writes back what earlier runs left dirty (mergekit does not fsync its "
