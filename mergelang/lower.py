@@ -20,7 +20,7 @@ from .graph import Node, Spans, const, walk, with_random_key
 from .ops import OPS, REQUIRED, OpDef
 from .optimize import FoldError, fold
 from .output_options import OutputOptions, lower_options
-from .parse import parse_file
+from .parse import parse_file, parse_files
 from .resources import stdlib_files
 
 BUILTINS = {"model", "layers", "lora", "layer_range", "stack"}
@@ -580,8 +580,7 @@ def _collect_defs(program: ast.Program, reporter: Reporter, *, stdlib: bool) -> 
 
 def load_stdlib(reporter: Reporter) -> tuple[dict[str, ast.Def], dict[str, ast.Source]]:
     defs, sources = {}, {}
-    for path in stdlib_files():
-        program = parse_file(path)
+    for program in parse_files(stdlib_files()):
         sources[program.source.name] = program.source
         defs.update(_collect_defs(program, reporter, stdlib=True))
     return defs, sources

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast as pyast
+import hashlib
+import pickle
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -11,7 +14,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from . import ast
 from .diagnostics import SYNTAX, Diagnostic, MergelangError
-from .paths import cache_dir
+from .paths import cache_dir, cache_folders, write_into
 from .resources import grammar_path
 
 _OPEN = {"LPAR", "LSQB", "LBRACE"}
@@ -80,6 +83,37 @@ def parse(text: str, name: str = "<spec>", folder: Path | None = None) -> ast.Pr
 
 def parse_file(path: Path) -> ast.Program:
     return parse(path.read_text(encoding="utf-8"), name=str(path), folder=path.resolve().parent)
+
+
+def parse_files(paths: list[Path]) -> list[ast.Program]:
+    """parse_file of each path, through a cache of the parsed programs: the stdlib's files, parsed
+    by every run, took 19-31 ms; unpickling them takes 2 ms. The cache entry is named by a digest
+    of the files' paths and bytes, the grammar, this module and the AST's definitions, and the
+    Python version; an entry that cannot be read is parsed again and rewritten."""
+    texts = [path.read_bytes() for path in paths]
+    digest = hashlib.sha256(sys.version.encode())
+    for part in (grammar_path(), Path(__file__), Path(ast.__file__)):
+        digest.update(part.read_bytes())
+    for path, text in zip(paths, texts):
+        digest.update(f"\0{path}\0{len(text)}\0".encode() + text)
+    name = f"programs-{digest.hexdigest()[:32]}.pickle"
+    folders = cache_folders("parsed")
+    for folder in folders:
+        try:
+            programs = pickle.loads((folder / name).read_bytes())
+        except FileNotFoundError:
+            continue
+        except Exception:  # noqa: BLE001 - a damaged or stale entry: parse again below
+            break
+        if isinstance(programs, list) and len(programs) == len(paths):
+            return programs
+        break
+    programs = [parse_file(path) for path in paths]
+    try:
+        write_into(folders, name, pickle.dumps(programs, protocol=pickle.HIGHEST_PROTOCOL))
+    except (OSError, pickle.PicklingError):  # nowhere to keep it: parse again next time
+        pass
+    return programs
 
 
 # What a syntax error message calls the terminals that are not fixed strings.
