@@ -10,8 +10,11 @@ from mergelang.resources import stdlib_files
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MERGELANG_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache" / "parsed"
+    """A cache folder of the test's own (without the fallback in the temporary folder, which other
+    runs share)."""
+    folder = tmp_path / "cache" / "parsed"
+    monkeypatch.setattr(parse, "cache_folders", lambda name: [folder])
+    return folder
 
 
 def test_cached_programs_equal_freshly_parsed_ones_and_are_used(cache, monkeypatch):
