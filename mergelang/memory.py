@@ -14,7 +14,6 @@ on the other core.
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 import sys
 
@@ -26,21 +25,6 @@ WARM_BYTES = 160 << 20
 WARM_PIECE = 8 << 20
 
 
-@functools.cache
-def _libc():
-    """glibc through ctypes (its calls leave the GIL to other threads), or None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt  # glibc's: musl and others have no mallopt
-    except (OSError, AttributeError):
-        return None
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
-    libc.free.restype, libc.free.argtypes = None, (ctypes.c_void_p,)
-    return libc
-
-
 def libc_function(name: str, *argtypes, restype=ctypes.c_int):
     """A function of the process's C library through ctypes (which releases the GIL for each call,
     errno kept for ctypes.get_errno), or None where it has none by that name."""
@@ -50,6 +34,13 @@ def libc_function(name: str, *argtypes, restype=ctypes.c_int):
         return None
     function.argtypes, function.restype = argtypes, restype
     return function
+
+
+# glibc's malloc tuning; None elsewhere (musl and others have no mallopt), and then nothing here
+# touches the heap: without the tuning, freed blocks would go back to the system.
+_MALLOPT = libc_function("mallopt", ctypes.c_int, ctypes.c_int) if sys.platform.startswith("linux") else None
+_MALLOC = libc_function("malloc", ctypes.c_size_t, restype=ctypes.c_void_p)
+_FREE = libc_function("free", ctypes.c_void_p, restype=None)
 
 
 def tune_malloc() -> None:
@@ -64,13 +55,12 @@ def tune_malloc() -> None:
     one, 0.7 GB, the size of the peak). Call it before other threads start (launch.py does, before
     torch loads; cli again on import).
     """
-    libc = _libc()
-    if libc is None:
+    if _MALLOPT is None:
         return
     m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, 1 << 30)
-    libc.mallopt(m_arena_max, 1)
+    _MALLOPT(m_mmap_threshold, 1 << 30)
+    _MALLOPT(m_trim_threshold, 1 << 30)
+    _MALLOPT(m_arena_max, 1)
 
 
 def warm_bytes() -> int:
@@ -89,19 +79,18 @@ def warm_heap(nbytes: int = WARM_BYTES, piece: int = WARM_PIECE) -> bool:
     pieces, all at once, then each piece is touched (with the GIL released) and freed in turn, so
     that other threads allocating meanwhile get touched pages before the end. False where there is
     no glibc or malloc refuses a piece."""
-    libc = _libc()
-    if libc is None or nbytes <= 0:
+    if _MALLOPT is None or _MALLOC is None or _FREE is None or nbytes <= 0:
         return False
     sizes = [min(piece, nbytes - start) for start in range(0, nbytes, piece)]
     taken = []
     for size in sizes:
-        address = libc.malloc(size)
+        address = _MALLOC(size)
         if not address:
             break
         taken.append((address, size))
     for address, size in taken:
         ctypes.memset(address, 0, size)
-        libc.free(address)
+        _FREE(address)
     return len(taken) == len(sizes)
 
 

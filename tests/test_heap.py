@@ -10,7 +10,7 @@ import pytest
 
 from mergelang import memory
 
-glibc = pytest.mark.skipif(memory._libc() is None, reason="glibc's malloc only")
+glibc = pytest.mark.skipif(memory._MALLOPT is None, reason="glibc's malloc only")
 
 # Faults taken while a block of 48 MB is allocated and written, after `tune_malloc` and optionally
 # `warm_heap` of 64 MB; in a fresh interpreter, so that no earlier test shaped the heap.
@@ -20,9 +20,8 @@ from mergelang import memory
 memory.tune_malloc()
 if sys.argv[1] == "warm":
     assert memory.warm_heap(64 << 20)
-libc = memory._libc()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-block = libc.malloc(48 << 20)
+block = memory._MALLOC(48 << 20)
 ctypes.memset(block, 1, 48 << 20)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
