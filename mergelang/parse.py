@@ -101,13 +101,10 @@ def parse_files(paths: list[Path]) -> list[ast.Program]:
     for folder in folders:
         try:
             programs = pickle.loads((folder / name).read_bytes())
-        except FileNotFoundError:
+        except Exception:  # noqa: BLE001 - absent, unreadable or damaged: the next folder, else parse
             continue
-        except Exception:  # noqa: BLE001 - a damaged or stale entry: parse again below
-            break
         if isinstance(programs, list) and len(programs) == len(paths):
             return programs
-        break
     programs = [parse_file(path) for path in paths]
     try:
         write_into(folders, name, pickle.dumps(programs, protocol=pickle.HIGHEST_PROTOCOL))
