@@ -9,7 +9,6 @@ from pathlib import Path
 
 from .check import TORCH_NAMES, Plan, build_plan
 from .diagnostics import OUTPUT_PATH, WRITE, Diagnostic, MergelangError, Reporter
-from .execute import DEFAULT_CHUNK, ExecOptions, execute
 from .io import ShardedWriter, atomic_output_dir, copy_model_files, free_bytes
 from .io.writer import OutputTensor
 from .lower import lower_file
@@ -26,7 +25,7 @@ class RunOptions:
     dtype: str | None = None
     shard_size: int = DEFAULT_SHARD_SIZE
     device: str = "cpu"
-    chunk: int = DEFAULT_CHUNK
+    chunk: int | None = None  # elements per chunk; None: execute.DEFAULT_CHUNK
     force: bool = False
     reverse: bool = False  # evaluate tensors last to first (tests: the bytes must not change)
     compile: str | None = None  # auto | always | never; None: $MERGELANG_COMPILE or auto (fuse.py)
@@ -78,6 +77,8 @@ def _check_output_path(out: Path, plan: Plan, force: bool) -> None:
 
 def write_plan(plan: Plan, out: Path, options: RunOptions, progress=None) -> Path:
     """Execute the plan into `out` atomically: a temporary folder beside it, renamed when complete."""
+    from .execute import DEFAULT_CHUNK, ExecOptions, execute  # imports torch: checking does not need it
+
     out = out.expanduser().resolve()
     _check_output_path(out, plan, options.force)
     tensors = [OutputTensor(t.name, t.dtype, t.shape) for t in plan.tensors]
@@ -88,7 +89,7 @@ def write_plan(plan: Plan, out: Path, options: RunOptions, progress=None) -> Pat
     try:
         with atomic_output_dir(out, force=options.force) as tmp:
             with ShardedWriter(tmp, tensors, options.shard_size, metadata={"format": "pt"}) as writer:
-                execute(plan, writer, ExecOptions(options.seed, options.device, options.chunk, options.reverse,
+                execute(plan, writer, ExecOptions(options.seed, options.device, options.chunk or DEFAULT_CHUNK, options.reverse,
                                                   options.compile), progress)
             copy_model_files(plan.checkpoints[plan.config_source].path, tmp, dtype_name=dtype_name,
                              config_updates=plan.config_updates,

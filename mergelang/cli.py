@@ -3,31 +3,20 @@
 from __future__ import annotations
 
 import functools
-import gc
 import os
 import sys
 from pathlib import Path
 
-# Importing torch makes about 300,000 objects, and the cyclic collector walks all of them again
-# and again, during the import and then during the merge (7% of a `linear` run's CPU samples).
-# Collection is off while the modules load; what they made is then frozen, out of its way.
-gc.disable()
-# numpy and scipy (which numba imports) start OpenBLAS thread pools that mergelang never uses
-# (torch computes with its own libraries); idle, their threads spin on the CPUs the merge needs.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import click
 
-import click  # noqa: E402
-
-from . import __version__  # noqa: E402
-from .api import RunOptions, check, parse_size, write_plan  # noqa: E402
-from .ast import Source  # noqa: E402
-from .diagnostics import INTERRUPTED, Diagnostic, MergelangError, Reporter  # noqa: E402
-from .io import CheckpointError  # noqa: E402
-from .memory import tune_malloc  # noqa: E402
+from . import __version__
+from .api import RunOptions, check, parse_size, write_plan
+from .ast import Source
+from .diagnostics import INTERRUPTED, Diagnostic, MergelangError, Reporter
+from .io import CheckpointError
+from .memory import tune_malloc
 
 tune_malloc()  # before any thread allocates
-gc.freeze()
-gc.enable()
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130

@@ -12,10 +12,13 @@ decides how many: moved a few calls deeper, it was 800. Called from `_roomy`, wh
 For the commands that merge, malloc is told first to keep freed memory (memory.tune_malloc: before
 any other thread starts, so that all share one arena), then a thread touches the heap the merge
 will use and reads ahead the files loaded after torch (prefetch.py), while this one imports torch.
+The other commands (check, explain, ...) do not import torch at all (lazy.py).
 """
 
 from __future__ import annotations
 
+import gc
+import os
 import sys
 
 from . import memory, prefetch
@@ -34,13 +37,27 @@ MERGES = ("run", "demo")  # the commands that merge: they load their loops after
 
 
 def entry() -> None:
-    if sys.argv[1:2] and sys.argv[1] in MERGES:
+    # Importing torch makes about 300,000 objects, and the cyclic collector walks all of them again
+    # and again, during the import and then during the merge (7% of a `linear` run's CPU samples).
+    # Collection is off while the modules load; what they made is then frozen, out of its way.
+    gc.disable()
+    # numpy and scipy (which numba imports) start OpenBLAS thread pools that mergelang never uses
+    # (torch computes with its own libraries); idle, their threads spin on the CPUs the merge needs.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    merges = sys.argv[1:2] and sys.argv[1] in MERGES
+    if merges:
         memory.tune_malloc()
         prefetch.start(warm_bytes=memory.warm_bytes())
 
     def command() -> None:
+        if merges:
+            # The other commands need no torch (lazy.py); a merge loads it and the executor here,
+            # before the collector is back on.
+            from . import execute  # noqa: F401
         from .cli import entry as cli_entry
 
+        gc.freeze()
+        gc.enable()
         cli_entry()
 
     _roomy(command)

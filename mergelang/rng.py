@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 
-import torch
+from .lazy import torch
 
 MASK32 = 0xFFFFFFFF
 M1 = 0x7FEB352D

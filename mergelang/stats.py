@@ -34,7 +34,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from .check import EMBEDDING_NAMES, FLOAT_DTYPES, _examples
 from .diagnostics import (
@@ -43,6 +43,7 @@ from .diagnostics import (
 from .io import Checkpoint, CheckpointError
 from .io.hub import HubError, locate
 from .io.lora import CONFIG as ADAPTER_CONFIG
+from .lazy import torch
 from .ops.select import LOW_BITS, magnitude_bits
 from .specialize import _LAYER, layer_index
 
@@ -393,7 +394,7 @@ def _drop_probability(node) -> float | None:
     return None
 
 
-def _sample(ft: Checkpoint, base: Checkpoint, names: list[tuple[str, str]]) -> tuple[torch.Tensor, int]:
+def _sample(ft: Checkpoint, base: Checkpoint, names: list[tuple[str, str]]) -> tuple[np.ndarray, int]:
     """|δ| at a fixed set of places, and how many tensors they lie in: of each tensor kind, the
     tensors of the first, middle and last layer; of each, the first and middle row (at most its
     first SAMPLE_ROW_ELEMENTS entries). `names` are (ft tensor, base tensor) pairs: they differ
@@ -412,9 +413,8 @@ def _sample(ft: Checkpoint, base: Checkpoint, names: list[tuple[str, str]]) -> t
             tensors += 1
             for r in sorted({0, rows // 2}):
                 start, stop = r * row_size, r * row_size + min(row_size, SAMPLE_ROW_ELEMENTS)
-                parts.append((ft.read(name, start, stop).to(torch.float32)
-                              - base.read(base_name, start, stop).to(torch.float32)).abs())
-    return (torch.cat(parts) if parts else torch.zeros(0)), tensors
+                parts.append(np.abs(ft.read_floats(name, start, stop) - base.read_floats(base_name, start, stop)))
+    return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)), tensors
 
 
 def dare_warnings(plan, reporter: Reporter) -> None:
@@ -438,7 +438,7 @@ def dare_warnings(plan, reporter: Reporter) -> None:
             entry["p"] = max(entry["p"], p)
             # In a stacked output a load reads another layer than the output tensor's (its `tensor`).
             entry["names"].append((a.attr("tensor") or tp.name, b.attr("tensor") or tp.name))
-    samples: dict[tuple, tuple[torch.Tensor, int]] = {}
+    samples: dict[tuple, tuple[np.ndarray, int]] = {}
     for (span, op, ft_key, base_key), entry in found.items():
         ft, base = plan.checkpoints[ft_key], plan.checkpoints[base_key]
         names = [(f, b) for f, b in dict.fromkeys(entry["names"])
@@ -447,9 +447,9 @@ def dare_warnings(plan, reporter: Reporter) -> None:
         if key not in samples:
             samples[key] = _sample(ft, base, names)
         sample, tensors = samples[key]
-        if sample.numel() == 0:
+        if sample.size == 0:
             continue
-        p99 = float(torch.quantile(sample.to(torch.float64), VERDICT_QUANTILE))
+        p99 = float(np.quantile(sample.astype(np.float64), VERDICT_QUANTILE))
         if level(p99) != "large":
             continue
         p = entry["p"]
@@ -457,7 +457,7 @@ def dare_warnings(plan, reporter: Reporter) -> None:
         reporter.warn(
             DARE_LARGE_DELTA,
             f"{what} on `{ft_key} - {base_key}`, whose deltas are large: p99 |δ| ≈ {p99:.3g}, estimated "
-            f"from a sample of {sample.numel()} entries in {tensors} tensor{'s' * (tensors != 1)}",
+            f"from a sample of {sample.size} entries in {tensors} tensor{'s' * (tensors != 1)}",
             span, label="drops most of a large delta",
             notes=(verdict(p99),),
             help=f"`mergelang stats {ft.path} {base.path}` measures every entry of the delta")

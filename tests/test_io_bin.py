@@ -17,6 +17,7 @@ from conftest import write_spec
 from mergelang.api import RunOptions, check, run
 from mergelang.diagnostics import MergelangError
 from mergelang.io import BinCheckpoint, Checkpoint, CheckpointError
+from mergelang.io import torch_bin
 from mergelang.io.torch_bin import BIN_FILE, BIN_INDEX_FILE
 
 
@@ -56,7 +57,8 @@ def to_bin(source: Path, target: Path, shards: int = 1, legacy: bool = False) ->
 
 @pytest.fixture
 def live_shards(monkeypatch):
-    """Wraps torch.load: records its keyword arguments and how many loaded state dicts are alive."""
+    """Wraps torch.load as torch_bin.py reads it (through mergelang.lazy's torch, which keeps each
+    attribute it has read): records its keyword arguments and how many loaded state dicts are alive."""
     real_load = torch.load
     state = {"live": 0, "peak": 0, "calls": []}
     lock = threading.Lock()
@@ -74,7 +76,7 @@ def live_shards(monkeypatch):
             state["peak"] = max(state["peak"], state["live"])
         return Tracked(loaded)
 
-    monkeypatch.setattr(torch, "load", load)
+    monkeypatch.setattr(torch_bin.torch, "load", load)
     return state
 
 

@@ -8,11 +8,13 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from mergelang.io import DTYPE_CODES, DTYPES, Checkpoint, CheckpointError, itemsize, read_header
+from mergelang.io.safetensors_format import ITEMSIZES, decode_floats
 
 
 def sample_tensors() -> dict[str, torch.Tensor]:
@@ -63,6 +65,7 @@ def test_dtype_tables_are_consistent():
         assert DTYPE_CODES[dtype] == code
         assert itemsize(code) == torch.empty(0, dtype=dtype).element_size()
     assert itemsize("BF16") == 2 and itemsize("F8_E4M3") == 1 and itemsize("I64") == 8
+    assert set(DTYPES) == set(ITEMSIZES)  # every code has its torch dtype
     with pytest.raises(ValueError, match="unknown safetensors dtype 'F4'"):
         itemsize("F4")
 
@@ -83,6 +86,33 @@ def test_read_whole_tensors_matches_safetensors(single: Path):
             assert got.dtype == ref.dtype
             assert got.shape == (ref.numel(),)
             assert torch.equal(got, ref.reshape(-1))
+
+
+def test_read_floats_is_torchs_float32(single: Path, tmp_path: Path):
+    """read_floats (numpy, no torch) gives each entry's float32 as torch's .to(torch.float32) does:
+    bf16, f16 and f32 exactly, f64 rounded to nearest; with infinities, signed zeros, subnormals and
+    float64s halfway between two float32s. A NaN stays a NaN (numpy and torch widen an f16 NaN's
+    payload differently)."""
+    special = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-45, 6e-8, -65504.0, 3.0e38]
+    halfway = [1 + 2.0**-24, 1 + 3 * 2.0**-24, -(1 + 2.0**-24), 1e39, 2.0**-150]
+    tensors = {code: torch.tensor(special + halfway if code == "F64" else special, dtype=torch.float64).to(DTYPES[code])
+               for code in ("BF16", "F16", "F32", "F64")}
+    tensors |= {f"rand_{c}": torch.randn(300, generator=torch.Generator().manual_seed(1)).to(DTYPES[c])
+                for c in ("BF16", "F16", "F64")}
+    folder = tmp_path / "floats"
+    folder.mkdir()
+    save_file(tensors, str(folder / "model.safetensors"))
+    with Checkpoint.open(folder) as ckpt:
+        for name, ref in tensors.items():
+            n = ref.numel()
+            for start, stop in ((0, n), (1, n - 1), (n, n)):
+                got = ckpt.read_floats(name, start, stop)
+                want = ref[start:stop].to(torch.float32).numpy()
+                nan = np.isnan(want)
+                assert got.dtype == want.dtype and (np.isnan(got) == nan).all(), (name, start, stop)
+                assert got[~nan].tobytes() == want[~nan].tobytes(), (name, start, stop)
+        with pytest.raises(ValueError, match="not a float dtype: 'I64'"):
+            decode_floats("I64", b"")
 
 
 def test_read_ranges_matches_safetensors(single: Path):

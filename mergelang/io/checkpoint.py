@@ -10,9 +10,12 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-import torch
+import numpy as np
 
-from mergelang.io.safetensors_format import DTYPES, CheckpointError, TensorInfo, byte_view, read_header
+from mergelang.io.safetensors_format import (
+    DTYPES, ITEMSIZES, CheckpointError, TensorInfo, byte_view, decode_floats, read_header,
+)
+from mergelang.lazy import torch
 from mergelang.memory import libc_function
 
 SINGLE_FILE = "model.safetensors"
@@ -194,14 +197,18 @@ class Checkpoint:
                 return mapped.view(dtype)
             out = torch.empty(nbytes, dtype=torch.uint8)
             got = _pread_into(fd, byte_view(out), offset)
-        if got != nbytes:
-            raise CheckpointError(
-                f"expected {nbytes} bytes at byte {offset}, but only {got} could be read "
-                "(file truncated or changed since it was opened?)",
-                path=info.path,
-                tensor=name,
-            )
+        _check_read(info, name, offset, nbytes, got)
         return out.view(dtype)
+
+    def read_floats(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Elements [start, stop) of the flattened float tensor `name`, as a new float32 numpy array
+        (read with pread: `check` samples deltas this way without importing torch)."""
+        info, stop = element_range(self.tensors, name, start, stop, f"checkpoint {self.path}")
+        size = ITEMSIZES[info.dtype]
+        offset, nbytes = info.start + start * size, (stop - start) * size
+        data = bytearray(nbytes)
+        _check_read(info, name, offset, nbytes, _pread_into(self._fd(info.path), memoryview(data), offset))
+        return decode_floats(info.dtype, data)
 
     def _fd(self, path: Path) -> int:
         with self._lock:
@@ -239,6 +246,16 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, {len(self.tensors)} tensors, {len(self.files)} files)"
+
+
+def _check_read(info: TensorInfo, name: str, offset: int, nbytes: int, got: int) -> None:
+    if got != nbytes:
+        raise CheckpointError(
+            f"expected {nbytes} bytes at byte {offset}, but only {got} could be read "
+            "(file truncated or changed since it was opened?)",
+            path=info.path,
+            tensor=name,
+        )
 
 
 def _no_weights_message(folder: Path) -> str:

@@ -24,10 +24,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from mergelang.io.checkpoint import Checkpoint, _load_json, element_range
 from mergelang.io.safetensors_format import CheckpointError, TensorInfo, read_header
+from mergelang.lazy import torch
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -140,6 +141,10 @@ class LoraAdapter:
         offset = start - first * cols
         flat = rows.view(-1)
         return flat if offset == 0 and flat.numel() == stop - start else flat[offset:offset + stop - start].clone()
+
+    def read_floats(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The same elements as `read`, as a numpy array."""
+        return self.read(name, start, stop).numpy()
 
     def _factors(self, name: str, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
         with self._lock:

@@ -7,10 +7,13 @@ import json
 import math
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
+
+from mergelang.lazy import torch
 
 MAX_HEADER_BYTES = 100_000_000
 """Largest header accepted; bigger values mean the file is not safetensors or is corrupt."""
@@ -37,43 +40,62 @@ class CheckpointError(Exception):
         return ": ".join(parts)
 
 
-def _build_dtypes() -> dict[str, torch.dtype]:
-    table = {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I16": torch.int16,
-        "I8": torch.int8,
-        "U8": torch.uint8,
-        "BOOL": torch.bool,
-    }
-    optional = {
-        "F8_E4M3": "float8_e4m3fn",
-        "F8_E5M2": "float8_e5m2",
-        "U16": "uint16",
-        "U32": "uint32",
-        "U64": "uint64",
-    }
-    for code, attr in optional.items():
-        dtype = getattr(torch, attr, None)
-        if dtype is not None:
-            table[code] = dtype
-    return table
+# Every safetensors dtype code: its torch dtype's name (torch 2.3 and later has them all) and bytes
+# per element. Planning needs only the sizes; DTYPES and DTYPE_CODES import torch on first use.
+_TORCH_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+}
+ITEMSIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}
 
 
-DTYPES: dict[str, torch.dtype] = _build_dtypes()
-DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
+class _Table(Mapping):
+    """A mapping built by `build` when first read."""
+
+    def __init__(self, build):
+        self._build, self._table = build, None
+
+    def _items(self) -> dict:
+        if self._table is None:
+            self._table = self._build()
+        return self._table
+
+    def __getitem__(self, key):
+        return self._items()[key]
+
+    def __iter__(self):
+        return iter(self._items())
+
+    def __len__(self) -> int:
+        return len(self._items())
+
+
+DTYPES: Mapping[str, torch.dtype] = _Table(lambda: {code: getattr(torch, n) for code, n in _TORCH_NAMES.items()})
+DTYPE_CODES: Mapping[torch.dtype, str] = _Table(lambda: {dtype: code for code, dtype in DTYPES.items()})
 
 
 def itemsize(code: str) -> int:
     """Bytes per element of the safetensors dtype `code`."""
     try:
-        return DTYPES[code].itemsize
+        return ITEMSIZES[code]
     except KeyError:
-        raise ValueError(f"unknown safetensors dtype {code!r}; expected one of {', '.join(DTYPES)}") from None
+        raise ValueError(f"unknown safetensors dtype {code!r}; expected one of {', '.join(ITEMSIZES)}") from None
+
+
+def decode_floats(code: str, data) -> np.ndarray:
+    """The float32 values of entries of the float dtype `code` (F64, F32, F16, BF16) stored as `data`
+    (little-endian bytes), rounded as torch's `.to(torch.float32)` rounds them."""
+    if code == "BF16":  # a bf16 is the high half of the float32 of the same value
+        return (np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    if code not in ("F64", "F32", "F16"):
+        raise ValueError(f"not a float dtype: {code!r}")
+    with np.errstate(over="ignore"):  # an f64 beyond float32's range becomes an infinity, as in torch
+        return np.frombuffer(data, dtype=f"<f{ITEMSIZES[code]}").astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -241,8 +263,8 @@ def _parse_entry(name: str, entry: object, path: Path, data_start: int) -> Tenso
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str):
         raise fail(f"dtype must be a string, found {_describe(dtype)}")
-    if dtype not in DTYPES:
-        raise fail(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    if dtype not in ITEMSIZES:
+        raise fail(f"unknown dtype {dtype!r}; expected one of {', '.join(ITEMSIZES)}")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise fail(f"shape must be a list of non-negative integers, found {_describe(shape)}")
     if not (
@@ -253,7 +275,7 @@ def _parse_entry(name: str, entry: object, path: Path, data_start: int) -> Tenso
     ):
         raise fail(f"data_offsets must be [begin, end] with 0 <= begin <= end, found {_describe(offsets)}")
     begin, end = offsets
-    expected = math.prod(shape) * DTYPES[dtype].itemsize
+    expected = math.prod(shape) * ITEMSIZES[dtype]
     if expected != end - begin:
         raise fail(
             f"shape {shape} of dtype {dtype} needs {expected} bytes, "

@@ -22,10 +22,11 @@ import re
 from collections import OrderedDict
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from mergelang.io.checkpoint import Checkpoint, _open_index, element_range, read_config
 from mergelang.io.safetensors_format import DTYPE_CODES, CheckpointError, TensorInfo
+from mergelang.lazy import torch
 
 BIN_FILE = "pytorch_model.bin"
 BIN_INDEX_FILE = "pytorch_model.bin.index.json"
@@ -153,6 +154,10 @@ class BinCheckpoint(Checkpoint):
                     tensor=name,
                 )
             return self._flat(info.name, tensor)[start:stop].clone()
+
+    def read_floats(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Elements [start, stop) of the flattened float tensor `name`, as a new float32 numpy array."""
+        return self.read(name, start, stop).to(torch.float32).numpy()
 
     def _flat(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` as 1-D: a view when contiguous, else one dense copy kept for the following chunks."""

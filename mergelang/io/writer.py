@@ -9,10 +9,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from mergelang.io.output_file import OutputFile, Staging, direct_io_default, pwrite_all
-from mergelang.io.safetensors_format import DTYPES, byte_view, itemsize
+from mergelang.io.safetensors_format import DTYPES, ITEMSIZES, byte_view, itemsize
+from mergelang.lazy import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -122,9 +121,9 @@ class ShardedWriter:
                 raise ValueError(f"tensor {tensor.name!r} is listed twice")
             if tensor.name == "__metadata__":
                 raise ValueError("'__metadata__' is reserved and cannot be a tensor name")
-            if tensor.dtype not in DTYPES:
+            if tensor.dtype not in ITEMSIZES:
                 raise ValueError(
-                    f"tensor {tensor.name!r}: unknown dtype {tensor.dtype!r}; expected one of {', '.join(DTYPES)}"
+                    f"tensor {tensor.name!r}: unknown dtype {tensor.dtype!r}; expected one of {', '.join(ITEMSIZES)}"
                 )
             if not all(isinstance(d, int) and d >= 0 for d in tensor.shape):
                 raise ValueError(f"tensor {tensor.name!r}: shape must be non-negative integers, got {tensor.shape}")

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import math
 
-import torch
-
+from ..lazy import torch
 from . import native
 
 EXPONENTS = 256

@@ -7,8 +7,7 @@ the last, then divided.
 
 from __future__ import annotations
 
-import torch
-
+from ..lazy import torch
 from . import native
 from .fast import zero_unless, zero_unless_each
 from .registry import KernelContext, Param, op

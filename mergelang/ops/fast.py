@@ -7,7 +7,7 @@ and gives identical results (NaNs, infinities and signed zeros included).
 
 from __future__ import annotations
 
-import torch
+from ..lazy import torch
 
 
 def _mask(cond: torch.Tensor) -> torch.Tensor:

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import math
 
-import torch
-
+from ..lazy import torch
 from .registry import KernelContext, Param, in_range, op
 
 OVER = ("tensor", "row", "column")
@@ -296,10 +295,12 @@ def karcher_mean(ctx: KernelContext, *xs, weight: list[float], max_iter: int, to
 # ---- scalar functions and selections -------------------------------------------------------------
 
 
-def _unary(name: str, scalar, tensor, formula: str):
+def _unary(name: str, scalar, formula: str):
+    """Op `name`: scalar(x) on a number, torch's function of the same name on a tensor."""
+
     def kernel(ctx: KernelContext, x):
         if torch.is_tensor(x):
-            return tensor(x)
+            return getattr(torch, name)(x)
         try:
             return scalar(float(x))
         except ValueError:
@@ -311,10 +312,9 @@ def _unary(name: str, scalar, tensor, formula: str):
     return kernel
 
 
-sin = _unary("sin", math.sin, torch.sin, "sin(x): the sine of x (radians), elementwise.")
-cos = _unary("cos", math.cos, torch.cos, "cos(x): the cosine of x (radians), elementwise.")
-acos = _unary("acos", math.acos, torch.acos,
-              "acos(x): the arc cosine of x, in [0, π], elementwise (NaN outside [-1, 1]).")
+sin = _unary("sin", math.sin, "sin(x): the sine of x (radians), elementwise.")
+cos = _unary("cos", math.cos, "cos(x): the cosine of x (radians), elementwise.")
+acos = _unary("acos", math.acos, "acos(x): the arc cosine of x, in [0, π], elementwise (NaN outside [-1, 1]).")
 
 
 @op("count", None)

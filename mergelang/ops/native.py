@@ -27,9 +27,9 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .. import rng
+from ..lazy import torch
 from . import machine_code
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
+from ..lazy import torch
+
 
 REQUIRED = object()
 

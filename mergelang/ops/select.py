@@ -38,8 +38,7 @@ from __future__ import annotations
 
 import math
 
-import torch
-
+from ..lazy import torch
 from . import native
 from .registry import KernelContext, Param, in_range, op
 
@@ -56,7 +55,6 @@ KEEP_NONE = (1 << 63) - 1  # a cutoff above every key
 # seen above it, and whether the bracket is known (then entries are counted and noted, not binned).
 NOTED, NEXT, LOWEST, HIGHEST, ABOVE, BRACKETED = range(6)
 POSITIONS = 1 << 20  # entries of the bracket, or of the chosen high bin, whose places a pass notes (16 MB)
-_NO_ROOM = torch.empty(0, dtype=torch.int64)  # for a low histogram that notes no places
 
 
 def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +86,8 @@ def add_high_histogram(hist: torch.Tensor, x: torch.Tensor) -> None:
 
 def add_low_histogram(hist: torch.Tensor, x: torch.Tensor, high: int) -> None:
     """hist (2**LOW_BITS int64) += low_histogram of x's magnitude bits for the bin `high`."""
-    if native.low_histogram_positions(x, hist, high, LOW_BITS, 0, _NO_ROOM, _NO_ROOM, 0) is None:
+    no_room = torch.empty(0, dtype=torch.int64)  # the loop notes no places
+    if native.low_histogram_positions(x, hist, high, LOW_BITS, 0, no_room, no_room, 0) is None:
         hist += low_histogram(magnitude_bits(x), high)
 
 

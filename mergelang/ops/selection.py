@@ -22,13 +22,10 @@ from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
-
+from ..lazy import torch
 from . import fast, select
 from .registry import KernelContext, Param, in_range, op
 
-_FLOAT = torch.float32
 
 
 def _is_number(v) -> bool:
@@ -53,7 +50,7 @@ def greater(ctx: KernelContext, x, y):
     """greater(x, y) = 1 where x > y, else 0"""
     if _is_number(x) and _is_number(y):
         return float(x > y)
-    return (torch.gt(x, y) if torch.is_tensor(x) else torch.lt(y, x)).to(_FLOAT)
+    return (torch.gt(x, y) if torch.is_tensor(x) else torch.lt(y, x)).to(torch.float32)
 
 
 @op("greater_equal", 2)
@@ -61,7 +58,7 @@ def greater_equal(ctx: KernelContext, x, y):
     """greater_equal(x, y) = 1 where x >= y, else 0"""
     if _is_number(x) and _is_number(y):
         return float(x >= y)
-    return (torch.ge(x, y) if torch.is_tensor(x) else torch.le(y, x)).to(_FLOAT)
+    return (torch.ge(x, y) if torch.is_tensor(x) else torch.le(y, x)).to(torch.float32)
 
 
 @op("where", 3)
@@ -71,8 +68,8 @@ def where(ctx: KernelContext, cond, a, b):
     if _is_number(cond):
         return a if cond != 0 else b
     if _is_number(a) and _is_number(b):
-        return fast.select(cond != 0, torch.tensor(float(a), dtype=_FLOAT, device=cond.device),
-                           torch.tensor(float(b), dtype=_FLOAT, device=cond.device))
+        return fast.select(cond != 0, torch.tensor(float(a), dtype=torch.float32, device=cond.device),
+                           torch.tensor(float(b), dtype=torch.float32, device=cond.device))
     return fast.select(cond != 0, a, b)
 
 
@@ -102,7 +99,7 @@ def nonzero_mask(ctx: KernelContext, x, *, epsilon: float):
     """nonzero_mask(x, epsilon=0) = 1 where |x| > epsilon, else 0: the entries a delta changes."""
     if _is_number(x):
         return float(abs(x) > epsilon)
-    return (torch.abs(x) > epsilon).to(_FLOAT)
+    return (torch.abs(x) > epsilon).to(torch.float32)
 
 
 @op("variance", None)
@@ -112,7 +109,7 @@ def variance(ctx: KernelContext, *xs):
     if all(_is_number(x) for x in xs):
         return torch.var(torch.tensor(xs, dtype=torch.float64), unbiased=False).item()
     device = next(x for x in xs if torch.is_tensor(x)).device
-    tensors = torch.broadcast_tensors(*(torch.tensor(float(x), dtype=_FLOAT, device=device) if _is_number(x) else x
+    tensors = torch.broadcast_tensors(*(torch.tensor(float(x), dtype=torch.float32, device=device) if _is_number(x) else x
                                         for x in xs))
     return torch.var(torch.stack(tensors), dim=0, unbiased=False)
 
@@ -122,7 +119,7 @@ def top_mask(ctx: KernelContext, x, cutoff):
     """top_mask(x, cutoff) = 1 where the entry's rank key (|x|, then the lower flat index first;
     see select.py) is >= cutoff, else 0: the mask of the entries `keep_top(x, cutoff)` keeps, to
     apply to other tensors. cutoff comes from nonzero_topk_cutoff or topk_cutoff on the same x."""
-    return (select.rank_keys(x, ctx.start).view(x.shape) >= cutoff).to(_FLOAT)
+    return (select.rank_keys(x, ctx.start).view(x.shape) >= cutoff).to(torch.float32)
 
 
 # ---- reductions ----------------------------------------------------------------------------------
@@ -165,14 +162,14 @@ class NonzeroTopkCutoff(select.RankCutoff):
 
 def _ordered_keys(x: torch.Tensor) -> torch.Tensor:
     """float32 values as int64 keys in [0, 2^32) that order like the values (-0.0 just below +0.0)."""
-    bits = x.reshape(-1).to(_FLOAT).view(torch.int32).to(torch.int64)
+    bits = x.reshape(-1).to(torch.float32).view(torch.int32).to(torch.int64)
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)
 
 
 def _key_value(key: int) -> torch.Tensor:
     """The float32 value (0-d) of a key of _ordered_keys."""
     bits = key - (1 << 31)
-    return torch.tensor([bits ^ 0x7FFFFFFF if bits < 0 else bits], dtype=torch.int32).view(_FLOAT)[0]
+    return torch.tensor([bits ^ 0x7FFFFFFF if bits < 0 else bits], dtype=torch.int32).view(torch.float32)[0]
 
 
 def _ascending_pick(hist: torch.Tensor, rank: int) -> tuple[int, int]:
@@ -191,11 +188,11 @@ class Quantile:
 
     def __init__(self, ctx: KernelContext, shape, *, q: float):
         self.n = math.prod(shape)
-        self.rank = int((torch.tensor([q], dtype=_FLOAT) * max(self.n - 1, 0)).long()[0])
+        self.rank = int((torch.tensor([q], dtype=torch.float32) * max(self.n - 1, 0)).long()[0])
         self.device = ctx.device
         self.hist = torch.zeros(1 << 16, dtype=torch.int64, device=self.device)
         self.high = 0
-        self.value = torch.tensor(math.nan, dtype=_FLOAT)
+        self.value = torch.tensor(math.nan, dtype=torch.float32)
 
     def update(self, pass_: int, x: torch.Tensor) -> None:
         keys = _ordered_keys(x)
@@ -235,12 +232,12 @@ class Mean:
         return True
 
     def result(self) -> torch.Tensor:
-        return (self.acc / max(self.n, 1)).to(_FLOAT)
+        return (self.acc / max(self.n, 1)).to(torch.float32)
 
 
 def _kl_last_dim(x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
-    p = F.softmax(x, dim=-1) + eps
-    q = F.softmax(y, dim=-1) + eps
+    p = torch.softmax(x, dim=-1) + eps
+    q = torch.softmax(y, dim=-1) + eps
     return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
 
 
@@ -254,7 +251,7 @@ class SoftmaxKL:
     def __init__(self, ctx: KernelContext, shape, *, eps: float):
         self.eps = eps
         self.rowwise = len(shape) >= 2
-        self.out = torch.empty(tuple(shape[:-1]) + (1,), dtype=_FLOAT, device=ctx.device) if self.rowwise else None
+        self.out = torch.empty(tuple(shape[:-1]) + (1,), dtype=torch.float32, device=ctx.device) if self.rowwise else None
         self.row = 0
         self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
 

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from .. import rng
+from ..lazy import torch
 from . import native, select  # select also registers topk_cutoff and band_cutoff
 from .abs_sum import AbsSum
 from .fast import zero_unless
