@@ -34,6 +34,7 @@ _roomy.__code__ = _roomy.__code__.replace(co_stacksize=ROOM_SLOTS)
 
 
 MERGES = ("run", "demo")  # the commands that merge: they load their loops after torch
+COMPUTES = MERGES + ("verify", "stats")  # the commands that import torch (the others never do: lazy.py)
 
 
 def entry() -> None:
@@ -44,16 +45,14 @@ def entry() -> None:
     # numpy and scipy (which numba imports) start OpenBLAS thread pools that mergelang never uses
     # (torch computes with its own libraries); idle, their threads spin on the CPUs the merge needs.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    merges = sys.argv[1:2] and sys.argv[1] in MERGES
-    if merges:
+    name = sys.argv[1] if len(sys.argv) > 1 else None
+    if name in MERGES:
         memory.tune_malloc()
         prefetch.start(warm_bytes=memory.warm_bytes())
 
     def command() -> None:
-        if merges:
-            # The other commands need no torch (lazy.py); a merge loads it and the executor here,
-            # before the collector is back on.
-            from . import execute  # noqa: F401
+        if name in COMPUTES:  # torch is imported here, before the collector is back on
+            import torch  # noqa: F401
         from .cli import entry as cli_entry
 
         gc.freeze()
