@@ -89,8 +89,8 @@ def write_plan(plan: Plan, out: Path, options: RunOptions, progress=None) -> Pat
     try:
         with atomic_output_dir(out, force=options.force) as tmp:
             with ShardedWriter(tmp, tensors, options.shard_size, metadata={"format": "pt"}) as writer:
-                execute(plan, writer, ExecOptions(options.seed, options.device, options.chunk or DEFAULT_CHUNK, options.reverse,
-                                                  options.compile), progress)
+                execute(plan, writer, ExecOptions(options.seed, options.device, options.chunk or DEFAULT_CHUNK,
+                                                  options.reverse, options.compile), progress)
             copy_model_files(plan.checkpoints[plan.config_source].path, tmp, dtype_name=dtype_name,
                              config_updates=plan.config_updates,
                              tokenizer_src=plan.checkpoints[plan.tokenizer_source].path,

@@ -25,7 +25,6 @@ from typing import Any, Callable
 
 from ..lazy import torch
 
-
 REQUIRED = object()
 
 

@@ -27,7 +27,6 @@ from . import fast, select
 from .registry import KernelContext, Param, in_range, op
 
 
-
 def _is_number(v) -> bool:
     return isinstance(v, (int, float))
 
@@ -109,8 +108,8 @@ def variance(ctx: KernelContext, *xs):
     if all(_is_number(x) for x in xs):
         return torch.var(torch.tensor(xs, dtype=torch.float64), unbiased=False).item()
     device = next(x for x in xs if torch.is_tensor(x)).device
-    tensors = torch.broadcast_tensors(*(torch.tensor(float(x), dtype=torch.float32, device=device) if _is_number(x) else x
-                                        for x in xs))
+    tensors = torch.broadcast_tensors(*(torch.tensor(float(x), dtype=torch.float32, device=device)
+                                        if _is_number(x) else x for x in xs))
     return torch.var(torch.stack(tensors), dim=0, unbiased=False)
 
 
@@ -251,7 +250,8 @@ class SoftmaxKL:
     def __init__(self, ctx: KernelContext, shape, *, eps: float):
         self.eps = eps
         self.rowwise = len(shape) >= 2
-        self.out = torch.empty(tuple(shape[:-1]) + (1,), dtype=torch.float32, device=ctx.device) if self.rowwise else None
+        self.out = (torch.empty(tuple(shape[:-1]) + (1,), dtype=torch.float32, device=ctx.device)
+                    if self.rowwise else None)
         self.row = 0
         self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
 
