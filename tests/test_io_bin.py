@@ -95,6 +95,8 @@ def test_single_bin_matches_safetensors(family: Path, tmp_path: Path):
             assert got.dtype == torch.bfloat16 and got.shape == (tensor.numel(),)
             assert torch.equal(got, tensor.reshape(-1))
             assert torch.equal(ckpt.read(name, 3, 11), tensor.reshape(-1)[3:11])
+            # check's DARE sample: the float32 values, as numpy
+            assert ckpt.read_floats(name, 3, 11).tobytes() == tensor.reshape(-1)[3:11].float().numpy().tobytes()
 
 
 def test_sharded_reads_hold_two_mapped_shards(family: Path, tmp_path: Path, live_shards):

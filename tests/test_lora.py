@@ -176,6 +176,8 @@ def test_read_any_element_range(root):
             torch.testing.assert_close(whole.view(base[name].shape), merged[name] - base[name], rtol=1e-4, atol=1e-6)
             for start, stop in ((0, 1), (5, 77), (31, 33), (250, 1000), (0, 0), (whole.numel() - 3, whole.numel())):
                 assert torch.equal(adapter.read(name, start, stop), whole[start:stop]), (name, start, stop)
+                # check's DARE sample reads the same values as numpy
+                assert adapter.read_floats(name, start, stop).tobytes() == whole[start:stop].numpy().tobytes()
         with pytest.raises(ValueError, match="out of bounds"):
             adapter.read("model.norm.weight", 0, 10_000)
 
