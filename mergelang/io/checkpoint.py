@@ -180,13 +180,11 @@ class Checkpoint:
         The tensor maps the file's range privately (see `map_range`); where the file cannot be
         mapped, the range is read into fresh memory with pread.
         """
-        info, stop = element_range(self.tensors, name, start, stop, f"checkpoint {self.path}")
+        info, offset, nbytes = self._byte_range(name, start, stop)
         dtype = DTYPES[info.dtype]
-        size = dtype.itemsize
-        nbytes = (stop - start) * size
         if nbytes == 0:
             return torch.empty(0, dtype=dtype)
-        offset = info.start + start * size
+        size = dtype.itemsize
         fd = self._fd(info.path)
         # Mapped bytes past the end of the file would fault when touched, not fail here.
         got = min(nbytes, max(0, os.fstat(fd).st_size - offset))
@@ -203,12 +201,16 @@ class Checkpoint:
     def read_floats(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Elements [start, stop) of the flattened float tensor `name`, as a new float32 numpy array
         (read with pread: `check` samples deltas this way without importing torch)."""
-        info, stop = element_range(self.tensors, name, start, stop, f"checkpoint {self.path}")
-        size = ITEMSIZES[info.dtype]
-        offset, nbytes = info.start + start * size, (stop - start) * size
+        info, offset, nbytes = self._byte_range(name, start, stop)
         data = bytearray(nbytes)
         _check_read(info, name, offset, nbytes, _pread_into(self._fd(info.path), memoryview(data), offset))
         return decode_floats(info.dtype, data)
+
+    def _byte_range(self, name: str, start: int, stop: int | None) -> tuple[TensorInfo, int, int]:
+        """The tensor's info, and the file offset and byte length of its elements [start, stop)."""
+        info, stop = element_range(self.tensors, name, start, stop, f"checkpoint {self.path}")
+        size = ITEMSIZES[info.dtype]
+        return info, info.start + start * size, (stop - start) * size
 
     def _fd(self, path: Path) -> int:
         with self._lock:
