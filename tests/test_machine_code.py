@@ -170,14 +170,21 @@ def test_where_no_folder_can_be_written_the_loop_is_linked_all_the_same(tmp_path
 
 
 def test_an_entry_refuses_arguments_of_other_types():
+    """An array goes by its bits (a float32 array is a u32[] one, of any shape where the type is
+    1-D), so its element size must be the type's, and it must be contiguous."""
     entry = machine_code.entry("test scratch", ("u32[]", "u32[]"), None, lambda: scratch)
     a = np.arange(8, dtype=np.uint32)
     with pytest.raises(TypeError, match="contiguous u32"):
-        entry(a, np.zeros(8, np.int32))
+        entry(a, np.zeros(8, np.int64))
+    with pytest.raises(TypeError, match="contiguous u32"):
+        entry(a, np.zeros(8, np.uint16))
     with pytest.raises(TypeError, match="contiguous u32"):
         entry(a, np.zeros(16, np.uint32)[::2])
     with pytest.raises(TypeError, match="contiguous u32"):
-        entry(a, np.zeros((2, 4), np.uint32))
+        entry(a, np.zeros((4, 4), np.float32)[:, :2])
+    out = np.zeros((2, 4), np.float32)  # by its bits, flattened
+    entry(a, out)
+    assert out.view(np.uint32).reshape(-1).tolist() == [21, 18, 15, 12, 9, 6, 3, 0]
     with pytest.raises(TypeError, match="2 arguments called with 1"):
         entry(a)
 

@@ -12,9 +12,8 @@ from typing import Callable
 
 import numpy as np
 
-from mergelang.io.safetensors_format import (
-    DTYPES, ITEMSIZES, CheckpointError, TensorInfo, byte_view, decode_floats, read_header,
-)
+from mergelang.arrays import NUMPY_DTYPES, to_torch
+from mergelang.io.safetensors_format import ITEMSIZES, CheckpointError, TensorInfo, decode_floats, read_header
 from mergelang.lazy import torch
 from mergelang.memory import libc_function
 
@@ -40,15 +39,15 @@ def _pread_into(fd: int, buf: memoryview, offset: int) -> int:
     return done
 
 
-def map_range(fd: int, offset: int, nbytes: int) -> torch.Tensor | None:
-    """Bytes [offset, offset + nbytes) of the file as a uint8 tensor over a private mapping, which
-    is unmapped when the tensor and its views are freed; None where the file cannot be mapped.
+def map_range(fd: int, offset: int, nbytes: int) -> np.ndarray | None:
+    """Bytes [offset, offset + nbytes) of the file as a uint8 numpy array over a private mapping,
+    which is unmapped when the array and its views are freed; None where the file cannot be mapped.
 
     A mapped read costs less than a copied one: the file's pages are in the page cache (or are read
     there once, ahead of use: MADV_WILLNEED), and mapping them touches no fresh memory, where a
     copy first faults in and zeroes its buffer. A value kept whole is then the cached pages
     themselves, and a range read again in a later pass is mapped again, not copied again. Writing
-    to the tensor copies the pages written, never the file. The caller checks that the range lies
+    to the array copies the pages written, never the file. The caller checks that the range lies
     within the file: mapped bytes past its end fault when touched.
     """
     base = offset - offset % mmap.ALLOCATIONGRANULARITY
@@ -56,9 +55,9 @@ def map_range(fd: int, offset: int, nbytes: int) -> torch.Tensor | None:
         mapping = mmap.mmap(fd, offset + nbytes - base, access=mmap.ACCESS_COPY, offset=base)
     except (OSError, ValueError):
         return None
-    tensor = torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=offset - base)
-    _read_ahead(mapping, tensor.data_ptr() - (offset - base))
-    return tensor
+    array = np.frombuffer(mapping, dtype=np.uint8, count=nbytes, offset=offset - base)
+    _read_ahead(mapping, array.ctypes.data - (offset - base))
+    return array
 
 
 # libc's madvise through ctypes, which releases the GIL for the call; None where there is none.
@@ -175,16 +174,23 @@ class Checkpoint:
         return cls(folder, tensors, files, config)
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Elements [start, stop) of the flattened tensor `name`, as a new 1-D CPU tensor.
+        """Elements [start, stop) of the flattened tensor `name`, as a 1-D CPU tensor over
+        `read_array`'s memory."""
+        array = self.read_array(name, start, stop)  # first: it says what is wrong with the name or range
+        return to_torch(array, self.tensors[name].dtype)
 
-        The tensor maps the file's range privately (see `map_range`); where the file cannot be
+    def read_array(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Elements [start, stop) of the flattened tensor `name`, as a 1-D numpy array in its stored
+        dtype (arrays.NUMPY_DTYPES: a bfloat16 as its bits).
+
+        The array maps the file's range privately (see `map_range`); where the file cannot be
         mapped, the range is read into fresh memory with pread.
         """
         info, offset, nbytes = self._byte_range(name, start, stop)
-        dtype = DTYPES[info.dtype]
+        dtype = NUMPY_DTYPES[info.dtype]
         if nbytes == 0:
-            return torch.empty(0, dtype=dtype)
-        size = dtype.itemsize
+            return np.empty(0, dtype=dtype)
+        size = ITEMSIZES[info.dtype]
         fd = self._fd(info.path)
         # Mapped bytes past the end of the file would fault when touched, not fail here.
         got = min(nbytes, max(0, os.fstat(fd).st_size - offset))
@@ -193,8 +199,8 @@ class Checkpoint:
             mapped = map_range(fd, offset, nbytes) if offset % size == 0 else None
             if mapped is not None:
                 return mapped.view(dtype)
-            out = torch.empty(nbytes, dtype=torch.uint8)
-            got = _pread_into(fd, byte_view(out), offset)
+            out = np.empty(nbytes, dtype=np.uint8)
+            got = _pread_into(fd, memoryview(out), offset)
         _check_read(info, name, offset, nbytes, got)
         return out.view(dtype)
 

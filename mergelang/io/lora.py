@@ -142,9 +142,13 @@ class LoraAdapter:
         flat = rows.view(-1)
         return flat if offset == 0 and flat.numel() == stop - start else flat[offset:offset + stop - start].clone()
 
+    def read_array(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The same elements as `read`, as a float32 numpy array."""
+        return self.read(name, start, stop).numpy()
+
     def read_floats(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """The same elements as `read`, as a numpy array."""
-        return self.read(name, start, stop).numpy()
+        return self.read_array(name, start, stop)
 
     def _factors(self, name: str, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
         with self._lock:

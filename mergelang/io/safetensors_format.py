@@ -125,12 +125,14 @@ class TensorInfo:
         return self.start + self.nbytes
 
 
-def byte_view(tensor: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor's memory (the tensor must outlive it)."""
-    nbytes = tensor.numel() * tensor.element_size()
+def byte_view(array) -> memoryview:
+    """A byte view of a contiguous CPU tensor's or numpy array's memory (which must outlive it)."""
+    if isinstance(array, np.ndarray):
+        return memoryview(array.reshape(-1)).cast("B")
+    nbytes = array.numel() * array.element_size()
     if nbytes == 0:
         return memoryview(bytearray())
-    return memoryview((ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())).cast("B")
+    return memoryview((ctypes.c_ubyte * nbytes).from_address(array.data_ptr())).cast("B")
 
 
 def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:

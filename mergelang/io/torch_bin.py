@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mergelang.arrays import to_numpy
 from mergelang.io.checkpoint import Checkpoint, _open_index, element_range, read_config
 from mergelang.io.safetensors_format import DTYPE_CODES, CheckpointError, TensorInfo
 from mergelang.lazy import torch
@@ -154,6 +155,10 @@ class BinCheckpoint(Checkpoint):
                     tensor=name,
                 )
             return self._flat(info.name, tensor)[start:stop].clone()
+
+    def read_array(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The same elements as `read`, as a numpy array (arrays.to_numpy)."""
+        return to_numpy(self.read(name, start, stop))
 
     def read_floats(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Elements [start, stop) of the flattened float tensor `name`, as a new float32 numpy array."""

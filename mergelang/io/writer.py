@@ -9,9 +9,11 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from mergelang.arrays import NUMPY_DTYPES, numel
 from mergelang.io.output_file import OutputFile, Staging, direct_io_default, pwrite_all
 from mergelang.io.safetensors_format import DTYPES, ITEMSIZES, byte_view, itemsize
-from mergelang.lazy import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -184,29 +186,33 @@ class ShardedWriter:
             self.abort()
             raise
 
-    def write(self, name: str, start: int, data: torch.Tensor) -> None:
-        """Write `data` (flattened, in the tensor's dtype) as elements [start, start + numel) of `name`."""
+    def write(self, name: str, start: int, data) -> None:
+        """Write `data` (flattened, in the tensor's dtype: a CPU torch tensor, or a numpy array in the
+        dtype's numpy view, arrays.NUMPY_DTYPES) as elements [start, start + numel) of `name`."""
         if self._state != "open":
             raise RuntimeError(f"cannot write tensor {name!r}: writer is {self._state_text()}")
         try:
             slot = self._slots[name]
         except KeyError:
             raise KeyError(f"tensor {name!r} is not among the tensors this writer lays out") from None
-        expected = DTYPES[slot.tensor.dtype]
+        code = slot.tensor.dtype
+        if isinstance(data, np.ndarray):
+            expected, contiguous = np.dtype(NUMPY_DTYPES[code]), data.flags.c_contiguous
+        else:
+            expected, contiguous = DTYPES[code], data.is_contiguous()
+            if data.device.type != "cpu":
+                raise ValueError(f"tensor {name!r}: data must be on the CPU, got {data.device}")
         if data.dtype != expected:
-            raise ValueError(f"tensor {name!r} is stored as {slot.tensor.dtype} ({expected}), got data of {data.dtype}")
-        if data.device.type != "cpu":
-            raise ValueError(f"tensor {name!r}: data must be on the CPU, got {data.device}")
-        if not data.is_contiguous():
+            raise ValueError(f"tensor {name!r} is stored as {code} ({expected}), got data of {data.dtype}")
+        if not contiguous:
             raise ValueError(f"tensor {name!r}: data must be contiguous")
-        count = data.numel()
-        numel = slot.tensor.numel
-        if start < 0 or start + count > numel:
+        count, total = numel(data), slot.tensor.numel
+        if start < 0 or start + count > total:
             raise ValueError(
-                f"tensor {name!r}: elements [{start}, {start + count}) are out of bounds for {numel} elements"
+                f"tensor {name!r}: elements [{start}, {start + count}) are out of bounds for {total} elements"
             )
         if count:
-            offset = slot.start + start * expected.itemsize
+            offset = slot.start + start * ITEMSIZES[code]
             slot.shard.file.write(byte_view(data), offset)
         with self._lock:
             self._written[name].append((start, start + count))

@@ -7,6 +7,8 @@ the last, then divided.
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..lazy import torch
 from . import native
 from .fast import zero_unless, zero_unless_each
@@ -15,12 +17,13 @@ from .registry import KernelContext, Param, op
 ZERO_SUM = 1e-8  # mergekit: a weight sum smaller than this in magnitude is not divided by
 
 
-def _f32_sum(values: list[float]) -> torch.Tensor:
-    """Σ values in float32, left to right (the divisor mergekit computes from float32 weights)."""
-    total = torch.tensor(values[0], dtype=torch.float32)
+def _f32_sum(values: list[float]) -> float:
+    """Σ values in float32, left to right (the divisor mergekit computes from float32 weights): each
+    value rounded to float32, each sum too, as torch's float32 additions round them."""
+    total = np.float32(values[0])
     for v in values[1:]:
-        total = total + torch.tensor(v, dtype=torch.float32)
-    return total
+        total = np.float32(total + np.float32(v))
+    return float(total)
 
 
 def _weights_check(params: dict) -> list[tuple[str, str]]:
@@ -48,7 +51,7 @@ def weighted_sum(ctx: KernelContext, *xs, weights: list[float], normalize: bool)
     for x, w in zip(xs[1:], weights[1:]):
         total = total + x * w
     if normalize:
-        divisor = _f32_sum(weights).to(total.device)
+        divisor = torch.tensor(_f32_sum(weights), dtype=torch.float32, device=total.device)
         if divisor.abs().item() >= ZERO_SUM:
             total = total / divisor
     return total

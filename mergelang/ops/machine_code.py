@@ -65,15 +65,19 @@ def array_type(t: str) -> tuple[type, int] | None:
 
 
 def _pointer(value, t: str, dtype, ndim: int) -> tuple[int, tuple]:
-    """(data pointer, extents) of an array argument of type t: a C-contiguous numpy array of its
-    dtype and dimensions, or a contiguous CPU torch tensor of its element size (the loop reads its
-    bits), whose extent is its number of entries where t is 1-D (torch's data_ptr costs 0.1 us,
-    converting to numpy and taking ctypes.data 3-4 us)."""
+    """(data pointer, extents) of an array argument of type t: a C-contiguous CPU numpy array or
+    torch tensor of its element size (the loop reads its bits: a float32 chunk is a u32[] array),
+    whose extent is its number of entries where t is 1-D (torch's data_ptr costs 0.1 us, numpy's
+    ctypes.data 1-3 us)."""
+    size = np.dtype(dtype).itemsize
     if type(value) is np.ndarray:
-        if value.dtype == dtype and value.ndim == ndim and value.flags.c_contiguous:
-            return value.ctypes.data, value.shape
+        if value.itemsize == size and value.flags.c_contiguous:
+            if ndim == 1:
+                return value.ctypes.data, (value.size,)
+            if value.ndim == ndim:
+                return value.ctypes.data, value.shape
     elif hasattr(value, "data_ptr") and value.is_contiguous() and value.device.type == "cpu" \
-            and value.element_size() == np.dtype(dtype).itemsize:
+            and value.element_size() == size:
         if ndim == 1:
             return value.data_ptr(), (value.numel(),)
         if value.dim() == ndim:
@@ -116,24 +120,25 @@ class Entry:
 
 
 class Dispatched:
-    """numba's dispatcher of a loop that has no linked entry, called as an Entry is: torch tensors
-    become numpy arrays of the argument's type first."""
+    """numba's dispatcher of a loop that has no linked entry, called as an Entry is: arrays become
+    numpy arrays of the argument's type first."""
 
     def __init__(self, function, types: tuple[str, ...]):
         self.function, self.types = function, types
         self._arrays = [array_type(t) for t in types]
 
     def __call__(self, *args):
-        return self.function(*(value if a is None or type(value) is np.ndarray else _as_numpy(value, t, *a)
+        return self.function(*(value if a is None else _as_numpy(value, t, *a)
                                for value, t, a in zip(args, self.types, self._arrays)))
 
 
-def _as_numpy(tensor, t: str, dtype, ndim: int):
-    _pointer(tensor, t, dtype, ndim)  # the same checks as an Entry's
-    import torch
+def _as_numpy(value, t: str, dtype, ndim: int):
+    _pointer(value, t, dtype, ndim)  # the same checks as an Entry's
+    if type(value) is not np.ndarray:
+        from ..arrays import to_numpy
 
-    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
-    array = tensor.view(bits).numpy().view(dtype)
+        value = to_numpy(value)
+    array = value.view(dtype)
     return array.reshape(-1) if ndim == 1 else array
 
 
