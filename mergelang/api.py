@@ -29,6 +29,7 @@ class RunOptions:
     force: bool = False
     reverse: bool = False  # evaluate tensors last to first (tests: the bytes must not change)
     compile: str | None = None  # auto | always | never; None: $MERGELANG_COMPILE or auto (fuse.py)
+    threads: int | None = None  # CPU threads; None: all (execute.cpu_threads)
 
 
 def parse_size(text: str) -> int:
@@ -77,7 +78,7 @@ def _check_output_path(out: Path, plan: Plan, force: bool) -> None:
 
 def write_plan(plan: Plan, out: Path, options: RunOptions, progress=None) -> Path:
     """Execute the plan into `out` atomically: a temporary folder beside it, renamed when complete."""
-    from .execute import DEFAULT_CHUNK, ExecOptions, execute  # imports torch: checking does not need it
+    from .execute import DEFAULT_CHUNK, ExecOptions, execute  # the executor: checking does not need it
 
     out = out.expanduser().resolve()
     _check_output_path(out, plan, options.force)
@@ -90,7 +91,7 @@ def write_plan(plan: Plan, out: Path, options: RunOptions, progress=None) -> Pat
         with atomic_output_dir(out, force=options.force) as tmp:
             with ShardedWriter(tmp, tensors, options.shard_size, metadata={"format": "pt"}) as writer:
                 execute(plan, writer, ExecOptions(options.seed, options.device, options.chunk or DEFAULT_CHUNK,
-                                                  options.reverse, options.compile), progress)
+                                                  options.reverse, options.compile, options.threads), progress)
             copy_model_files(plan.checkpoints[plan.config_source].path, tmp, dtype_name=dtype_name,
                              config_updates=plan.config_updates,
                              tokenizer_src=plan.checkpoints[plan.tokenizer_source].path,

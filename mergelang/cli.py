@@ -158,10 +158,6 @@ def main():
 def run(spec, out, seed, models, dtype, shard_size, device, threads, chunk, force, quiet, compile_, reporter):
     """Merge: evaluate SPEC and write a Hugging Face checkpoint to OUTPUT."""
     _check_device(device)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
     if compile_ is None:
         from .fuse import default_mode
 
@@ -170,7 +166,7 @@ def run(spec, out, seed, models, dtype, shard_size, device, threads, chunk, forc
         except ValueError as e:
             raise click.UsageError(str(e)) from None
     options = RunOptions(seed=seed, models=_parse_models(models), dtype=dtype, shard_size=shard_size,
-                         device=device, force=force, compile=compile_)
+                         device=device, force=force, compile=compile_, threads=threads)
     if chunk:
         options.chunk = chunk
     plan = check(spec, options, reporter)
@@ -271,6 +267,8 @@ def demo(folder, quiet, reporter):
 
 
 def _check_device(device: str) -> None:
+    if device == "cpu":  # the default: no need to import torch to know it
+        return
     import torch
 
     try:

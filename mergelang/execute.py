@@ -11,20 +11,26 @@ tensor is written, by `model_statistics`.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import torch
+import numpy as np
 
 from . import tapped
+from .arrays import NUMPY_DTYPES, device_type, is_torch, to_torch
 from .check import Plan, TensorPlan
 from .io import DTYPES, ShardedWriter
+from .io.safetensors_format import ITEMSIZES
 from .io.torch_bin import BinCheckpoint
 from .overlap import ReadAhead, WriteBehind, for_each_parallel
 from .fuse import Fuser, default_mode
 from .graph import Node, walk
+from .lazy import torch, torch_threads
 from .memory import tune_malloc
 from .ops import OPS, KernelContext
 from .rng import derive_key
@@ -38,9 +44,10 @@ DEFAULT_CHUNK = 1 << 20
 # once and kept whole when it fits this budget; beyond it, each consumer recomputes it chunk by chunk.
 MATERIALIZE_BYTES = 256 << 20
 
-# (model, first row, end row, tensor) → float chunk; tensor is the load's own name (a load inside
-# `layer_range` reads another layer), None for the output tensor's name.
-Reader = Callable[[str, int, int, "str | None"], torch.Tensor]
+# (model, first row, end row, tensor) → float32 chunk (a torch tensor); tensor is the load's own name
+# (a load inside `layer_range` reads another layer), None for the output tensor's name. Its `raw`
+# reads the rows as stored (a numpy array on the CPU: arrays.py), `dtype` names the stored dtype.
+Reader = Callable[[str, int, int, "str | None"], "torch.Tensor"]
 
 
 @dataclass
@@ -50,6 +57,7 @@ class ExecOptions:
     chunk: int = DEFAULT_CHUNK
     reverse: bool = False  # evaluate the tensors last to first: tests check the bytes do not change
     compile: str | None = None  # auto | always | never (fuse.py); None: $MERGELANG_COMPILE or auto
+    threads: int | None = None  # CPU threads (-j); None: execute.cpu_threads()
 
 
 def tensor_order(plan: Plan, options: ExecOptions) -> list[TensorPlan]:
@@ -60,19 +68,19 @@ class TensorEvaluator:
     """Evaluates one planned tensor: chunks of rows, with its reductions and tensor ops cached."""
 
     fuser: Fuser | None = None  # compiled regions (execute sets it)
-    out_dtype: torch.dtype | None = None  # compiled output regions may return chunks in this dtype
+    out_dtype: str | None = None  # the output's stored dtype: its compiled regions may return chunks in it
     keep_loads = False  # keep inputs that several regions read whole (needs read.raw; see load_rows)
     budget = MATERIALIZE_BYTES  # bytes of whole values kept for this tensor (workers side by side share it)
 
     def __init__(self, tp: TensorPlan, read: Reader, options: ExecOptions):
         self.tp, self.read, self.options = tp, read, options
-        self.device = torch.device(options.device)
+        self.device = options.device  # a string: torch is not needed to tell the CPU (arrays.device_type)
         self.shape = tp.graph_shape if tp.shape else (1,)  # a 0-d tensor is evaluated as one row of one
         self.rows = self.shape[0]
         self.row_size = math.prod(self.shape[1:])
-        self.cache: dict[Node, torch.Tensor] = {}
+        self.cache: dict[Node, object] = {}  # whole values: torch tensors, or numpy arrays from the loops
         self.cached_bytes = 0
-        self.loads: dict[Node, torch.Tensor] = {}  # load → the whole input, as stored
+        self.loads: dict[Node, object] = {}  # load → the whole input, as stored
         self._shared: frozenset[Node] | None = None
         self._consumers: dict[Node, list[Node]] | None = None
 
@@ -94,9 +102,10 @@ class TensorEvaluator:
         return KernelContext(tensor=self.tp.name, start=r0 * self.row_size, seed=self.options.seed,
                              device=self.device)
 
-    def rows_of(self, node: Node, r0: int, r1: int, out: torch.Tensor | None = None):
-        """Rows [r0, r1) of the value of node (computing it, or slicing a cached value). A native
-        region writes them into `out` (float32, of the chunk's shape) when given, and returns it."""
+    def rows_of(self, node: Node, r0: int, r1: int, out=None):
+        """Rows [r0, r1) of the value of node (computing it, or slicing a cached value): a torch
+        tensor, or a numpy array where a native loop computed them. A native region writes them into
+        `out` (float32, of the chunk's shape) when given, and returns it."""
         steps = self.region_of(node)
         if self.fuser is not None:
             fused = self.fuser.rows_of(self, steps, r0, r1, out)
@@ -112,7 +121,7 @@ class TensorEvaluator:
                 values[i] = self.load_rows(n, r0, r1)
             elif not step.inputs:  # a reduction, a tensor op, or a value kept whole
                 full = self.full(n)
-                values[i] = full if full.dim() == 0 else full[r0:r1]
+                values[i] = to_torch(full if full.ndim == 0 else full[r0:r1])
             else:
                 values[i] = self.apply(n, [values[j] for j in step.inputs], ctx)
             for j in step.free:
@@ -163,29 +172,29 @@ class TensorEvaluator:
             self._shared = frozenset(n for n, k in count.items() if k > 1)
         return self._shared
 
-    def load_rows(self, node: Node, r0: int, r1: int) -> torch.Tensor:
+    def load_rows(self, node: Node, r0: int, r1: int) -> "torch.Tensor":
         """Rows [r0, r1) of an input, as float32. With keep_loads, an input that several regions read
         is read once, whole and as stored, when it fits the budget, and sliced after that."""
         whole = self._whole_load(node)
         if whole is None:
             return self.read(node.attr("model"), r0, r1, node.attr("tensor"))
-        return whole[r0:r1].to(torch.float32)
+        return to_torch(whole[r0:r1], self.read.dtype(node.attr("model"), node.attr("tensor"))).to(torch.float32)
 
-    def load_raw(self, node: Node, r0: int, r1: int) -> torch.Tensor:
+    def load_raw(self, node: Node, r0: int, r1: int):
         """The same rows as stored (bf16, f16 or f32), for compiled and native regions."""
         whole = self._whole_load(node)
         if whole is None:
             return self.read.raw(node.attr("model"), r0, r1, node.attr("tensor"))
         return whole[r0:r1]
 
-    def _whole_load(self, node: Node) -> torch.Tensor | None:
+    def _whole_load(self, node: Node):
         whole = self.loads.get(node)
         if whole is None and self.keep_loads and node in self.shared_loads():
             model, tensor = node.attr("model"), node.attr("tensor")
             nbytes = self.rows * self.row_size * self.read.itemsize(model, tensor)
             if self.cached_bytes + nbytes <= self.budget:
                 whole = self.loads[node] = self.read.raw(model, 0, self.rows, tensor)
-                self.cached_bytes += whole.numel() * whole.element_size()
+                self.cached_bytes += whole.nbytes
         return whole
 
     def apply(self, node: Node, args: list, ctx: KernelContext):
@@ -195,7 +204,7 @@ class TensorEvaluator:
             ctx.key = derive_key(self.options.seed, self.tp.name, bytes.fromhex(node.attr("key")))
         return spec.kernel(ctx, *inputs, **params)
 
-    def full(self, node: Node) -> torch.Tensor:
+    def full(self, node: Node):
         """The whole value of a reduce, model or tensor node (cached for this tensor). A reduction's
         first pass runs inside the native loop of its input where it can (tapped.py), with those of
         the tensor's other reductions over the same loads."""
@@ -225,7 +234,7 @@ class TensorEvaluator:
         size = self.shape if spec.kind == "reduce" else self.rows * self.row_size
         return spec.kernel(self.context(0), size, **params)
 
-    def _reduce(self, node: Node, inputs, reducer, tapped_first: bool) -> torch.Tensor:
+    def _reduce(self, node: Node, inputs, reducer, tapped_first: bool):
         """The reduction's passes over the chunks (all but the first where that one was tapped)."""
         if not tapped_first:
             self.keep_inputs(node, inputs)
@@ -266,7 +275,7 @@ class TensorEvaluator:
         nbytes = self.rows * self.row_size * 4
         if self.cached_bytes + nbytes > self.budget:
             return
-        whole = torch.empty(self.shape, dtype=torch.float32, device=self.device)
+        whole = self.empty_float32(self.shape)
         for r0, r1 in self.chunks():
             part = whole[r0:r1]
             value = self.rows_of(node, r0, r1, part)
@@ -275,22 +284,38 @@ class TensorEvaluator:
         self.cache[node] = whole
         self.cached_bytes += nbytes
 
-    def _as_tensor(self, value, nrows: int) -> torch.Tensor:
-        """A chunk of nrows full rows: scalars and row-wise statistics are broadcast (without copying)."""
+    def empty_float32(self, shape: tuple[int, ...]):
+        """A new float32 array: numpy's on the CPU (the loops write into it), else a tensor on the device."""
+        if device_type(self.device) == "cpu":
+            return np.empty(shape, dtype=np.float32)
+        return torch.empty(shape, dtype=torch.float32, device=self.device)
+
+    def _as_tensor(self, value, nrows: int) -> "torch.Tensor":
+        """A chunk of nrows full rows, as a torch tensor: scalars and row-wise statistics are
+        broadcast (without copying), a numpy chunk viewed (arrays.to_torch)."""
         shape = (nrows,) + tuple(self.shape[1:])
-        if torch.is_tensor(value) and tuple(value.shape) == shape:
+        value = to_torch(value, self.out_dtype)  # (a numpy chunk of bits is the output's, in its dtype)
+        if is_torch(value) and tuple(value.shape) == shape:
             return value
         return torch.as_tensor(value, dtype=torch.float32, device=self.device).expand(shape)
 
-    def output_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """(flat start, values) for the whole output, chunk by chunk."""
+    def _as_chunk(self, value, nrows: int):
+        """A chunk of nrows full rows as _as_tensor makes it, but a numpy chunk of that shape as it
+        is (the writer takes it: the output's chunks from the loops need no torch)."""
+        if isinstance(value, np.ndarray) and value.shape == (nrows,) + tuple(self.shape[1:]):
+            return value
+        return self._as_tensor(value, nrows)
+
+    def output_chunks(self) -> Iterator[tuple[int, object]]:
+        """(flat start, values) for the whole output, chunk by chunk: a torch tensor, or a numpy
+        array from a loop (float32, or the output's bfloat16 as its bits)."""
         for r0, r1 in self.chunks():
-            yield r0 * self.row_size, self._as_tensor(self.rows_of(self.tp.graph, r0, r1), r1 - r0)
+            yield r0 * self.row_size, self._as_chunk(self.rows_of(self.tp.graph, r0, r1), r1 - r0)
         for r0, r1 in self.tail_chunks():
             yield r0 * self.row_size, self.read(self.tp.tail[0], r0, r1)
 
 
-def evaluate_in_memory(tp: TensorPlan, inputs: dict[str, torch.Tensor], options: ExecOptions) -> torch.Tensor:
+def evaluate_in_memory(tp: TensorPlan, inputs: dict[str, "torch.Tensor"], options: ExecOptions) -> "torch.Tensor":
     """The whole output tensor from in-memory inputs (model key, or (model key, tensor name) for a
     load that names its tensor → tensor), through the same chunked path."""
     rest = tp.shape[1:] if tp.shape else ()
@@ -299,7 +324,7 @@ def evaluate_in_memory(tp: TensorPlan, inputs: dict[str, torch.Tensor], options:
         value = inputs[model if tensor is None else (model, tensor)]
         return value.reshape((-1,) + tuple(rest))[r0:r1].to(device=options.device, dtype=torch.float32)
 
-    parts = [values.reshape(-1) for _, values in TensorEvaluator(tp, read, options).output_chunks()]
+    parts = [to_torch(values).reshape(-1) for _, values in TensorEvaluator(tp, read, options).output_chunks()]
     return torch.cat(parts).reshape(tp.shape) if parts else torch.empty(tp.shape)
 
 
@@ -316,35 +341,34 @@ def _predicted_reads(plan: Plan, options: ExecOptions):
             yield tp.tail[0], tp.name, r0 * evaluator.row_size, r1 * evaluator.row_size
 
 
-def _reader(plan: Plan, tp: TensorPlan, evaluator: "TensorEvaluator", device: torch.device,
-            read_raw: Callable[[str, str, int, int], torch.Tensor]) -> Reader:
-    """Rows [r0, r1) of this tensor in a model, as float32 on the device."""
-    pin = device.type == "cuda"
+def _reader(plan: Plan, tp: TensorPlan, evaluator: "TensorEvaluator", device,
+            read_array: Callable[[str, str, int, int], np.ndarray]) -> Reader:
+    """Rows [r0, r1) of this tensor in a model, as float32 on the device; `raw`: as stored."""
+    cpu = device_type(device) == "cpu"
     rest, row = tuple(evaluator.shape[1:]), evaluator.row_size
 
-    def read(model: str, r0: int, r1: int, tensor: str | None = None) -> torch.Tensor:
-        raw = read_raw(model, tensor or tp.name, r0 * row, r1 * row)
-        if pin:
-            raw = raw.pin_memory()
-        return raw.to(device=device, non_blocking=pin).to(torch.float32).view((r1 - r0,) + rest)
+    def dtype(model: str, tensor: str | None = None) -> str:
+        """The dtype the checkpoint stores the tensor in (its safetensors code)."""
+        return plan.checkpoints[model].tensors[tensor or tp.name].dtype
 
-    def read_as_stored(model: str, r0: int, r1: int, tensor: str | None = None) -> torch.Tensor:
-        """The same rows in the checkpoint's dtype (compiled regions convert them in their loop)."""
-        raw = read_raw(model, tensor or tp.name, r0 * row, r1 * row)
-        if pin:
-            raw = raw.pin_memory()
-        return raw.to(device=device, non_blocking=pin).view((r1 - r0,) + rest)
+    def read_as_stored(model: str, r0: int, r1: int, tensor: str | None = None):
+        """The rows in the checkpoint's dtype (loops and compiled regions convert them in their loop):
+        a numpy array on the CPU (arrays.NUMPY_DTYPES), else a tensor copied to the device from
+        pinned memory."""
+        raw = read_array(model, tensor or tp.name, r0 * row, r1 * row).reshape((r1 - r0,) + rest)
+        if cpu:
+            return raw
+        return to_torch(raw, dtype(model, tensor)).pin_memory().to(device=device, non_blocking=True)
 
-    def dtype(model: str, tensor: str | None = None) -> torch.dtype:
-        """The dtype the checkpoint stores the tensor in."""
-        return DTYPES[plan.checkpoints[model].tensors[tensor or tp.name].dtype]
+    def read(model: str, r0: int, r1: int, tensor: str | None = None) -> "torch.Tensor":
+        return to_torch(read_as_stored(model, r0, r1, tensor), dtype(model, tensor)).to(torch.float32)
 
     read.raw, read.dtype = read_as_stored, dtype
-    read.itemsize = lambda model, tensor=None: dtype(model, tensor).itemsize
+    read.itemsize = lambda model, tensor=None: ITEMSIZES[dtype(model, tensor)]
     return read
 
 
-def model_statistics(plan: Plan, options: ExecOptions) -> dict[Node, torch.Tensor]:
+def model_statistics(plan: Plan, options: ExecOptions) -> dict[Node, "torch.Tensor"]:
     """Every `model`-kind statistic, over all the tensors whose graph holds it, before any is written.
 
     Graphs are interned and loads do not name tensors, so the same expression in every tensor's
@@ -355,7 +379,7 @@ def model_statistics(plan: Plan, options: ExecOptions) -> dict[Node, torch.Tenso
         for n in walk(tp.graph):
             if n.op in OPS and OPS[n.op].kind == "model":
                 groups.setdefault(n, []).append(tp)
-    device = torch.device(options.device)
+    device = options.device
     values: dict[Node, torch.Tensor] = {}
     for node, tensors in groups.items():
         spec = OPS[node.op]
@@ -368,7 +392,7 @@ def model_statistics(plan: Plan, options: ExecOptions) -> dict[Node, torch.Tenso
             for tp in tensors:
                 evaluator = TensorEvaluator(tp, None, options)
                 evaluator.read = _reader(plan, tp, evaluator, device,
-                                         lambda m, t, a, b: plan.checkpoints[m].read(t, a, b))
+                                         lambda m, t, a, b: plan.checkpoints[m].read_array(t, a, b))
                 for r0, r1 in evaluator.chunks():
                     reducer.update(pass_, evaluator._as_tensor(evaluator.rows_of(source, r0, r1), r1 - r0))
             if reducer.end_pass(pass_):
@@ -382,9 +406,20 @@ def workers_for(options: ExecOptions, fuser: Fuser) -> int:
     """How many tensors are evaluated side by side: one per CPU thread (each single-threaded, which
     wastes less than splitting every chunk's ops across threads), or 1 on a GPU and when compiled
     regions may run (they use every thread themselves)."""
-    if torch.device(options.device).type != "cpu" or fuser.may_compile():
+    if device_type(options.device) != "cpu" or fuser.may_compile():
         return 1
-    return torch.get_num_threads()
+    return options.threads or cpu_threads()
+
+
+def cpu_threads() -> int:
+    """torch's thread count where torch is imported (a program that set it chose), else the CPUs
+    this process may run on (torch's default where each is a core of its own)."""
+    if "torch" in sys.modules:
+        return torch.get_num_threads()
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def execute(plan: Plan, writer: ShardedWriter, options: ExecOptions,
@@ -392,6 +427,11 @@ def execute(plan: Plan, writer: ShardedWriter, options: ExecOptions,
     """Compute every planned tensor and stream it into the writer through a write-behind thread.
     Whole-model statistics come first, in passes over every tensor they cover. With several CPU
     threads, tensors are evaluated side by side; else one at a time, with reads ahead on a thread."""
+    with torch_threads(options.threads) if options.threads else contextlib.nullcontext():
+        _execute(plan, writer, options, on_progress)
+
+
+def _execute(plan: Plan, writer: ShardedWriter, options: ExecOptions, on_progress) -> None:
     tune_malloc()
     whole_model = model_statistics(plan, options)
     fuser = Fuser.for_plan(plan, options.compile or default_mode())
@@ -413,21 +453,30 @@ def execute(plan: Plan, writer: ShardedWriter, options: ExecOptions,
 
 def _evaluate_into(evaluator: TensorEvaluator, behind: WriteBehind, on_progress, check=lambda: None) -> None:
     tp = evaluator.tp
-    out_dtype = evaluator.out_dtype = DTYPES[tp.dtype]
+    evaluator.out_dtype = tp.dtype
     for start, values in evaluator.output_chunks():
         check()
-        data = values.to(dtype=out_dtype).reshape(-1).to("cpu").contiguous()
+        data = _stored(values, tp.dtype)
         behind.put(tp.name, start, data)
         if on_progress:
-            on_progress(tp, data.numel() * out_dtype.itemsize)
+            on_progress(tp, data.nbytes)
     if tp.numel == 0 and on_progress:
         on_progress(tp, 0)
 
 
+def _stored(values, code: str):
+    """A chunk of the output in its stored dtype, flat, contiguous and on the CPU, as the writer takes
+    it: a numpy chunk already in that dtype's numpy view as it is, anything else converted by torch
+    (which rounds a float32 to bfloat16, NaNs included, as the eager path does)."""
+    if isinstance(values, np.ndarray) and values.dtype == NUMPY_DTYPES[code] and values.flags.c_contiguous:
+        return values.reshape(-1)
+    return to_torch(values).to(dtype=DTYPES[code]).reshape(-1).to("cpu").contiguous()
+
+
 def _execute_sequential(plan: Plan, behind: WriteBehind, options: ExecOptions, whole_model: dict,
                         fuser: Fuser, on_progress) -> None:
-    device = torch.device(options.device)
-    ahead = ReadAhead(_predicted_reads(plan, options), lambda m, t, a, b: plan.checkpoints[m].read(t, a, b))
+    device = options.device
+    ahead = ReadAhead(_predicted_reads(plan, options), lambda m, t, a, b: plan.checkpoints[m].read_array(t, a, b))
     try:
         for tp in tensor_order(plan, options):
             evaluator = TensorEvaluator(tp, None, options)
@@ -459,7 +508,7 @@ def _execute_parallel(plan: Plan, behind: WriteBehind, options: ExecOptions, who
     """`workers` threads, each evaluating whole tensors with one torch thread and reading its own
     chunks, in `parallel_order`. Every tensor's bytes are computed as in the sequential order:
     chunks and reductions stay in order inside it."""
-    device = torch.device(options.device)
+    device = options.device
     lock = threading.Lock()
 
     def progress(tp: TensorPlan, nbytes: int) -> None:
@@ -468,16 +517,12 @@ def _execute_parallel(plan: Plan, behind: WriteBehind, options: ExecOptions, who
 
     def work(tp: TensorPlan, check: Callable[[], None]) -> None:
         evaluator = TensorEvaluator(tp, None, options)
-        evaluator.read = _reader(plan, tp, evaluator, device, lambda m, t, a, b: plan.checkpoints[m].read(t, a, b))
+        evaluator.read = _reader(plan, tp, evaluator, device, lambda m, t, a, b: plan.checkpoints[m].read_array(t, a, b))
         evaluator.keep_loads = True  # no read-ahead here to predict chunk reads
         evaluator.fuser = fuser
         evaluator.budget = MATERIALIZE_BYTES // workers
         evaluator.cache.update(whole_model)
         _evaluate_into(evaluator, behind, progress if on_progress else None, check)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         for_each_parallel(parallel_order(plan, options), work, workers)
-    finally:
-        torch.set_num_threads(threads)

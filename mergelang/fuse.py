@@ -37,10 +37,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from . import rng
+from .arrays import device_type, to_torch
 from .graph import walk
+from .io import DTYPES
+from .lazy import torch
 from .native_regions import NativeRegions
 from .ops import OPS
 from .ops.fast import zero_unless
@@ -297,13 +298,14 @@ class Fuser:
         saved = self.elements.get(root, 0) * program.work * SAVED_PER_ELEMENT_STEP_S
         return saved > cost
 
-    def program(self, steps: tuple[Step, ...], out_dtype: torch.dtype | None = None):
+    def program(self, steps: tuple[Step, ...], out_dtype: str | None = None):
+        """The compiled region (its output in the stored dtype `out_dtype` where given), or None."""
         if (steps, out_dtype) in self.programs:
             return self.programs[steps, out_dtype]
         compiled = None
         if self.may_compile() and fusable(steps):
             try:
-                program = RegionProgram(steps, out_dtype)
+                program = RegionProgram(steps, DTYPES[out_dtype] if out_dtype else None)
             except Exception as error:  # a parameter slot fed by a non-constant: stays eager
                 log.debug("region not fusable: %s", error)
                 program = None
@@ -316,11 +318,11 @@ class Fuser:
         """Rows [r0, r1) of the region's root, or None where this region stays eager. `steps` is the
         region as evaluator.region_of gives it: its reductions already computed. In auto mode a
         region that native_regions can run as a numba loop runs so."""
-        if self.native is not None:
-            fused = self.native.rows_of(evaluator, steps, r0, r1, out)
+        if self.native is not None:  # waiting for a loop another thread links (or builds): eager would import torch
+            fused = self.native.rows_of(evaluator, steps, r0, r1, out, wait=True)
             if fused is not None:
                 return fused
-        if self.mode == "never" or (self.mode == "auto" and evaluator.device.type != "cpu"):
+        if self.mode == "never" or (self.mode == "auto" and device_type(evaluator.device) != "cpu"):
             return None  # bit-identity is verified for inductor's C++ code; on GPUs only when asked
         root = steps[-1].node is evaluator.tp.graph  # the output: convert to its dtype in the loop
         compiled = self.program(steps, getattr(evaluator, "out_dtype", None) if root else None)
@@ -335,9 +337,10 @@ class Fuser:
         for i in compiled.program.leaves:
             n = steps[i].node
             if n.op == "load":
-                leaves.append(_not_a_view(raw(n.attr("model"), r0, r1, n.attr("tensor"))))
+                stored = getattr(evaluator.read, "dtype", lambda model, tensor: None)(n.attr("model"), n.attr("tensor"))
+                leaves.append(_not_a_view(to_torch(raw(n.attr("model"), r0, r1, n.attr("tensor")), stored)))
             else:
-                full = evaluator.full(n)
+                full = to_torch(evaluator.full(n))
                 leaves.append(full if full.dim() == 0 else _not_a_view(full[r0:r1]))
         keys = []
         for i in compiled.program.random:

@@ -11,8 +11,10 @@ decides how many: moved a few calls deeper, it was 800. Called from `_roomy`, wh
 
 For the commands that merge, malloc is told first to keep freed memory (memory.tune_malloc: before
 any other thread starts, so that all share one arena), then a thread touches the heap the merge
-will use and reads ahead the files loaded after torch (prefetch.py), while this one imports torch.
-The other commands (check, explain, ...) do not import torch at all (lazy.py).
+will use and reads ahead the files loaded after mergelang's modules (prefetch.py), while this one
+imports them. `run` imports torch only where an op of the merge needs it (arrays.py): a merge whose
+regions all run as native loops never does; `demo`, `verify` and `stats` import it first. The other
+commands (check, explain, ...) do not import torch at all (lazy.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import gc
 import os
 import sys
 
-from . import memory, prefetch
+from . import lazy, memory, prefetch
 
 ROOM_SLOTS = 1 << 13  # stack slots of 8 bytes: a frame of 64 KB, so a chunk of 128 KB half free
 
@@ -33,8 +35,10 @@ def _roomy(command):
 _roomy.__code__ = _roomy.__code__.replace(co_stacksize=ROOM_SLOTS)
 
 
-MERGES = ("run", "demo")  # the commands that merge: they load their loops after torch
-COMPUTES = MERGES + ("verify", "stats")  # the commands that import torch (the others never do: lazy.py)
+MERGES = ("run", "demo")  # the commands that merge
+# The commands that import torch before they start: the others import it where they need it (lazy.py),
+# and `run` only for an op that no native loop computes (arrays.py).
+TORCH_FIRST = ("demo", "verify", "stats")
 
 
 def entry() -> None:
@@ -51,12 +55,13 @@ def entry() -> None:
         prefetch.start(warm_bytes=memory.warm_bytes())
 
     def command() -> None:
-        if name in COMPUTES:  # torch is imported here, before the collector is back on
+        if name in TORCH_FIRST:  # torch is imported here, before the collector is back on
             import torch  # noqa: F401
         from .cli import entry as cli_entry
 
         gc.freeze()
         gc.enable()
+        lazy.import_quietly()  # torch imported later is kept out of the collector's way too
         cli_entry()
 
     _roomy(command)

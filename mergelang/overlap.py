@@ -7,7 +7,8 @@ queue bounded in bytes. A request found in the queue drops the predictions befor
 executor did not need after all); one not in the queue (a reduction's extra passes) is read
 directly. Writes go through a bounded queue to a
 thread that pwrites them, so conversion and computation of the next chunk overlap the copy.
-pread/pwrite and torch ops release the GIL, so two threads do run at once.
+pread/pwrite, the loops and torch's ops release the GIL, so two threads do run at once. The data are
+numpy arrays or torch tensors (arrays.py): only their `nbytes` is read here.
 """
 
 from __future__ import annotations
@@ -16,18 +17,16 @@ import threading
 from collections import deque
 from typing import Callable, Iterable, Iterator, TypeVar
 
-import torch
-
 T = TypeVar("T")
 Request = tuple[str, str, int, int]  # (model, tensor, first element, end element)
 
 
 class ReadAhead:
-    def __init__(self, requests: Iterable[Request], read: Callable[[str, str, int, int], torch.Tensor],
+    def __init__(self, requests: Iterable[Request], read: Callable[[str, str, int, int], object],
                  limit_bytes: int = 16 << 20):
         self._read = read
         self._limit = limit_bytes
-        self._queue: deque[tuple[Request, torch.Tensor]] = deque()
+        self._queue: deque[tuple[Request, object]] = deque()
         self._bytes = 0
         self._done = False
         self._stop = False
@@ -48,7 +47,7 @@ class ReadAhead:
                 data = self._read(*req)
                 with self._cond:
                     self._queue.append((req, data))
-                    self._bytes += data.numel() * data.element_size()
+                    self._bytes += data.nbytes
                     self._cond.notify_all()
         except BaseException as e:  # re-raised in the reading thread by read()
             with self._cond:
@@ -58,7 +57,7 @@ class ReadAhead:
                 self._done = True
                 self._cond.notify_all()
 
-    def read(self, model: str, tensor: str, start: int, stop: int) -> torch.Tensor:
+    def read(self, model: str, tensor: str, start: int, stop: int):
         req = (model, tensor, start, stop)
         with self._cond:
             while not self._queue and not self._done:
@@ -66,7 +65,7 @@ class ReadAhead:
             if any(r == req for r, _ in self._queue):
                 while True:
                     r, data = self._queue.popleft()
-                    self._bytes -= data.numel() * data.element_size()
+                    self._bytes -= data.nbytes
                     if r == req:
                         self._cond.notify_all()
                         return data
@@ -85,10 +84,10 @@ class ReadAhead:
 class WriteBehind:
     """Calls `write(*item)` on a thread, in order; `put` blocks while `limit_bytes` are pending."""
 
-    def __init__(self, write: Callable[[str, int, torch.Tensor], None], limit_bytes: int = 16 << 20):
+    def __init__(self, write: Callable[[str, int, object], None], limit_bytes: int = 16 << 20):
         self._write = write
         self._limit = limit_bytes
-        self._queue: deque[tuple[str, int, torch.Tensor]] = deque()
+        self._queue: deque[tuple[str, int, object]] = deque()
         self._bytes = 0
         self._closing = False
         self._error: BaseException | None = None
@@ -115,7 +114,7 @@ class WriteBehind:
                 return
             with self._cond:
                 self._queue.popleft()
-                self._bytes -= item[2].numel() * item[2].element_size()
+                self._bytes -= item[2].nbytes
                 self._cond.notify_all()
 
     def _raise(self) -> None:
@@ -123,13 +122,13 @@ class WriteBehind:
             error, self._error = self._error, None
             raise error
 
-    def put(self, name: str, start: int, data: torch.Tensor) -> None:
+    def put(self, name: str, start: int, data) -> None:
         with self._cond:
             while self._bytes >= self._limit and self._error is None:
                 self._cond.wait()
             self._raise()
             self._queue.append((name, start, data))
-            self._bytes += data.numel() * data.element_size()
+            self._bytes += data.nbytes
             self._cond.notify_all()
 
     def close(self) -> None:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from .graph import Node, walk
 from .ops import OPS
 from .schedule import is_leaf, region
@@ -103,7 +101,7 @@ def first_passes(evaluator, members: list[Member]) -> list[bool]:
     whole = None
     nbytes = evaluator.rows * evaluator.row_size * 4
     if len(active) == 1 and not evaluator.keep_loads and evaluator.cached_bytes + nbytes <= evaluator.budget:
-        whole = torch.empty(evaluator.shape, dtype=torch.float32, device=evaluator.device)
+        whole = evaluator.empty_float32(evaluator.shape)
     scratch = None
     joint = None  # (steps, taps) of the loop over every active member's root
     # A select picks its bracket from the histogram of its first chunk, then notes that chunk's
@@ -119,9 +117,8 @@ def first_passes(evaluator, members: list[Member]) -> list[bool]:
         else:  # the roots' chunks are not kept: one buffer takes them all (fresh memory for each
             # chunk's values cost the loop of ties' first pass 0.5 ns per entry in page faults)
             if scratch is None:
-                scratch = torch.empty(min(evaluator.rows, evaluator.chunk_rows()) * evaluator.row_size,
-                                      dtype=torch.float32)
-            part = scratch[:(r1 - r0) * evaluator.row_size].view((r1 - r0,) + tuple(evaluator.shape[1:]))
+                scratch = evaluator.empty_float32((min(evaluator.rows, evaluator.chunk_rows()) * evaluator.row_size,))
+            part = scratch[:(r1 - r0) * evaluator.row_size].reshape((r1 - r0,) + tuple(evaluator.shape[1:]))
         if len(active) > 1 and (r0 > 0 or not first_alone):
             if joint is None:
                 joint = _joint(evaluator, active)

@@ -21,6 +21,7 @@ from mergelang import fuse, rng
 from mergelang.check import TensorPlan
 from mergelang.execute import ExecOptions, TensorEvaluator
 from mergelang.graph import Node, const, with_random_key
+from mergelang.io import DTYPES as DTYPES_BY_CODE
 from mergelang.schedule import region
 
 NAME = "model.layers.3.mlp.up_proj.weight"
@@ -152,7 +153,7 @@ def test_generated_code_of_random_graphs_gives_the_eager_bits(graph, chunk):
 def _generated(steps, out_dtype=None):
     if not fuse.fusable(steps):
         return None
-    return _Plain(fuse.RegionProgram(steps, out_dtype))
+    return _Plain(fuse.RegionProgram(steps, DTYPES_BY_CODE[out_dtype] if out_dtype else None))
 
 
 def test_generated_code_of_every_op_gives_the_eager_bits():
@@ -213,7 +214,7 @@ def test_a_region_that_fails_to_compile_runs_its_code_eagerly(monkeypatch):
             raise RuntimeError("no compiler")
         return run
 
-    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(fuse.torch, "compile", broken)  # fuse reads torch through lazy.torch
     graph = with_random_key(Node("dare", [Node("sub", [L("a"), L("b")]), const(0.5), const(0)]))
     fuser = fuse.Fuser("always")
     data = _data(SHAPE)

@@ -237,8 +237,8 @@ native.MIN_ELEMENTS = 1  # the tiny family's chunks take the loops
 if sys.argv[3] == "first":  # every loop compiled and stored: none left to a later run while another builds
     from mergelang.native_regions import NativeRegions
     build = NativeRegions._loop
-    NativeRegions._loop = lambda self, steps, kinds, taps=(), out="f32", wait=False: build(
-        self, steps, kinds, taps, out, True)
+    NativeRegions._loop = lambda self, steps, kinds, taps=(), out="f32", wait=False, build_it=True: build(
+        self, steps, kinds, taps, out, True, build_it)
     for name in native.SIGNATURES:
         native._loop(name, wait=True)
 from pathlib import Path

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+import time
 import types
 from pathlib import Path
 
@@ -24,7 +26,9 @@ from test_optimize import expressions
 from conftest import digests, write_spec
 from mergelang import fuse, native_regions, rng
 from mergelang.api import RunOptions, run
+from mergelang.arrays import to_torch
 from mergelang.check import TensorPlan
+from mergelang.execute import ExecOptions, TensorEvaluator
 from mergelang.graph import Node, const, with_random_key
 from mergelang.ops import machine_code, native
 from mergelang.schedule import region
@@ -171,7 +175,7 @@ def test_the_region_runs_at_any_offset_in_a_block_of_2_to_the_32(monkeypatch):
 
             def load_raw(self, node, r0, r1):
                 return x
-        got = regions.rows_of(Ev(), steps, start, start + 1000)
+        got = to_torch(regions.rows_of(Ev(), steps, start, start + 1000))
         key = rng.derive_key(4, NAME, bytes.fromhex(graph.attr("key")))
         keep = rng.keep_mask(key, start, 1000, 0.4)
         assert torch.equal(got.view(torch.int32), torch.where(keep, x, 0.0).view(torch.int32)), start
@@ -386,16 +390,33 @@ def test_a_loop_writes_into_the_tensor_it_is_given():
     assert fuser.native.rows_of(Ev(), region(graph), 2, 5, odd) is not odd
 
 
-def test_one_loop_is_built_at_a_time_and_the_others_wait_their_turn_eagerly():
+def test_one_loop_is_built_at_a_time_and_the_others_wait_their_turn():
+    """A chunk whose loop is not there while another thread builds one waits for that build to end,
+    then builds its own (eager, it would import torch: arrays.py); asked not to wait (`rows_of`'s
+    wait=False, as tapped.py asks after a first chunk), it is left to the eager path at once."""
     data = _data((7, 5))
     fuser = native_fuser()
-    fuser.native._building = True  # another thread is building a loop
+    regions = fuser.native
+    regions._building = True  # another thread is building a loop
     graph = Node("sub", [L("a"), L("b")])
-    assert same_bits(evaluate(graph, (7, 5), data, 35, fuser), evaluate(graph, (7, 5), data, 35))
-    assert not fuser.native._loops
-    fuser.native._building = False
-    evaluate(graph, (7, 5), data, 35, fuser)
-    assert loops_built(fuser)
+    ev = TensorEvaluator(TensorPlan(NAME, graph, (7, 5), "F32"), None, ExecOptions(chunk=35))
+    ev.read = lambda m, r0, r1, tensor=None: data[m][r0:r1].to(torch.float32)
+    ev.read.raw = lambda m, r0, r1, tensor=None: data[m][r0:r1]
+    assert regions.rows_of(ev, region(graph), 0, 7) is None and not regions._loops
+
+    def end_build():
+        time.sleep(0.2)
+        with regions._lock:
+            regions._building = False
+            regions._built.notify_all()
+
+    ender = threading.Thread(target=end_build)
+    began = time.monotonic()
+    ender.start()
+    got = regions.rows_of(ev, region(graph), 0, 7, wait=True)
+    ender.join()
+    assert time.monotonic() - began >= 0.2 and loops_built(fuser)
+    assert same_bits(to_torch(got), evaluate(graph, (7, 5), data, 35))
 
 
 def test_a_region_that_stays_eager_reads_its_inputs_once():
@@ -513,13 +534,13 @@ def test_the_output_region_writes_bfloat16_as_torch_rounds_it():
     expected = evaluate(graph, SHAPE, data, 33 * 64).to(torch.bfloat16)
     for chunk in (33 * 64, 33 * 5):
         fuser = native_fuser()
-        got = evaluate(graph, SHAPE, data, chunk, fuser, out_dtype=torch.bfloat16)
+        got = evaluate(graph, SHAPE, data, chunk, fuser, out_dtype="BF16")
         assert same_bits(got.to(torch.bfloat16).float(), expected.float()), chunk
         assert torch.isnan(expected).any() and (~torch.isnan(expected)).float().mean() > 0.9
         outs = {key[3] for key, loop in fuser.native._loops.items() if loop is not None and key[0][-1].node is graph}
         assert outs == {"bf16", "f32"}, chunk  # the f32 loop for the chunks with a NaN
     x = torch.tensor([1.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8 + 2**-20), 3.4e38, 1e-40, -0.0])
     x = torch.cat([x, -x, torch.randn(200)]).reshape(-1, 1)  # ties to even, rounding up, overflow, subnormals
-    got = evaluate(Node("neg", [L("a")]), (x.shape[0], 1), {"a": x}, 50, native_fuser(), out_dtype=torch.bfloat16)
+    got = evaluate(Node("neg", [L("a")]), (x.shape[0], 1), {"a": x}, 50, native_fuser(), out_dtype="BF16")
     assert got.dtype == torch.bfloat16
     assert torch.equal(got.view(torch.int16), (-x).to(torch.bfloat16).view(torch.int16))

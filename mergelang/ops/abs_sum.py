@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
+from ..arrays import to_torch
 from ..lazy import torch
 from . import native
 
@@ -29,19 +32,20 @@ _EXACT_WEIGHTS = 1 << 29  # entries per bincount: 2^29 significands below 2^24 s
 
 class AbsSum:
     def __init__(self):
-        self.bins = torch.zeros((native.ABS_SUM_LANES, EXPONENTS), dtype=torch.int64)
-        self.flags = torch.zeros(2, dtype=torch.int64)  # a NaN seen, an infinity seen
+        # numpy arrays, on the CPU whatever the device: a loop fills them without torch (arrays.py)
+        self.bins = np.zeros((native.ABS_SUM_LANES, EXPONENTS), dtype=np.int64)
+        self.flags = np.zeros(2, dtype=np.int64)  # a NaN seen, an infinity seen
 
     def add(self, x: torch.Tensor) -> None:
         """Add Σ|x| of a float32 chunk (a tensor of any shape and device)."""
         if native.abs_sum_bins(x, self.bins, self.flags):
             return
-        bits = x.reshape(-1).to(torch.float32).view(torch.int32) & 0x7FFFFFFF
+        bits = to_torch(x).reshape(-1).to(torch.float32).view(torch.int32) & 0x7FFFFFFF
         for part in bits.split(_EXACT_WEIGHTS):
             exponent = part >> 23
             significand = (part & 0x7FFFFF) | ((exponent != 0).to(torch.int32) << 23)
             sums = torch.bincount(exponent, weights=significand.to(torch.float64), minlength=EXPONENTS)
-            self.bins[0] += sums.to(torch.int64).cpu()
+            self.bins[0] += sums.to(torch.int64).cpu().numpy()
             self.flags[0] |= int((part > 0x7F800000).any())
             self.flags[1] |= int((part == 0x7F800000).any())
 

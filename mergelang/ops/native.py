@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import rng
+from ..arrays import numel
 from ..lazy import torch
 from . import machine_code
 
@@ -148,9 +149,22 @@ def _native_loops() -> dict:
     return {name: getattr(native_loops, name) for name in SIGNATURES}
 
 
-def _fits(x: torch.Tensor) -> bool:
-    return (x.numel() >= MIN_ELEMENTS and x.device.type == "cpu" and x.dtype == torch.float32
-            and x.is_contiguous())
+def _fits(x) -> bool:
+    """x is a contiguous float32 CPU chunk (a numpy array or a torch tensor) of MIN_ELEMENTS or more."""
+    return numel(x) >= MIN_ELEMENTS and _float32_cpu(x)
+
+
+def _float32_cpu(x) -> bool:
+    if isinstance(x, np.ndarray):
+        return x.dtype == np.float32 and x.flags.c_contiguous
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+
+
+def int64_cpu(a) -> bool:
+    """a is a contiguous int64 CPU array or tensor (a histogram)."""
+    if isinstance(a, np.ndarray):
+        return a.dtype == np.int64 and a.flags.c_contiguous
+    return a.dtype == torch.int64 and a.device.type == "cpu" and a.is_contiguous()
 
 
 def keep_random(x: torch.Tensor, key: int, start: int, keep_probability: float) -> torch.Tensor | None:
@@ -175,7 +189,7 @@ def keep_random(x: torch.Tensor, key: int, start: int, keep_probability: float) 
 def high_histogram(x: torch.Tensor, hist: torch.Tensor, low_bits: int) -> bool:
     """hist += the histogram of the magnitude bits of x shifted right by low_bits; False where this
     loop does not apply (nothing added)."""
-    loop = _loop("high_histogram") if _fits(x) and hist.dtype == torch.int64 and hist.is_contiguous() else None
+    loop = _loop("high_histogram") if _fits(x) and int64_cpu(hist) else None
     if loop is None:
         return False
     loop(x, hist, np.uint32(low_bits))
@@ -195,9 +209,11 @@ def count_noting(x: torch.Tensor, state: torch.Tensor, positions: torch.Tensor, 
     return _first_pass_loop("count_noting", x, state, positions, bits, low_bits)
 
 
-def _first_pass_loop(name: str, x: torch.Tensor, state: torch.Tensor, positions: torch.Tensor,
-                     bits: torch.Tensor, low_bits: int) -> bool:
-    loop = _loop(name) if _fits(x) else None
+def _first_pass_loop(name: str, x, state, positions, bits, low_bits: int) -> bool:
+    """A chunk smaller than MIN_ELEMENTS takes the loop where it is linked already: a small tensor
+    whose first pass ran in a region's loop (tapped.py) is noted here."""
+    small = numel(x) < MIN_ELEMENTS and _found.get(name) is not None and _float32_cpu(x)
+    loop = _found[name] if small and os.environ.get(ENV, "1") != "0" else _loop(name) if _fits(x) else None
     if loop is None:
         return False
     loop(x, state, positions, bits, np.uint32(low_bits))
@@ -211,7 +227,7 @@ def low_histogram_positions(x: torch.Tensor, hist: torch.Tensor, high: int, low_
     counts into positions and bits (int64) from `count` on, while they have room (none: empty
     buffers); returns count plus the entries counted, or None where this loop does not apply
     (nothing added)."""
-    loop = _loop("low_histogram_positions") if _fits(x) and hist.dtype == torch.int64 and hist.is_contiguous() else None
+    loop = _loop("low_histogram_positions") if _fits(x) and int64_cpu(hist) else None
     if loop is None:
         return None
     return int(loop(x, hist, np.uint32(high), np.uint32(low_bits), np.uint32((1 << low_bits) - 1),

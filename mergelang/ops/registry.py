@@ -20,10 +20,8 @@ Three kinds of op, by what they need to see of a tensor:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
-
-from ..lazy import torch
 
 REQUIRED = object()
 
@@ -99,7 +97,7 @@ class KernelContext:
     tensor: str = ""
     start: int = 0  # flat index of the chunk's first element
     seed: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: object = "cpu"  # "cpu", "cuda:0" or a torch.device: torch's functions take either
     key: int = 0  # set per node for random ops
 
 

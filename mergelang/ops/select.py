@@ -38,6 +38,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
+from ..arrays import device_type, numel, to_torch
 from ..lazy import torch
 from . import native
 from .registry import KernelContext, Param, in_range, op
@@ -80,15 +83,15 @@ def low_histogram(bits: torch.Tensor, high: int) -> torch.Tensor:
 
 def add_high_histogram(hist: torch.Tensor, x: torch.Tensor) -> None:
     """hist (2**HIGH_BITS int64) += the histogram of the top HIGH_BITS of x's magnitude bits."""
-    if not native.high_histogram(x, hist, LOW_BITS):
-        hist += high_histogram(magnitude_bits(x))
+    if not native.high_histogram(x, hist, LOW_BITS):  # torch, on hist's memory where it is numpy's
+        to_torch(hist).add_(high_histogram(magnitude_bits(to_torch(x))))
 
 
 def add_low_histogram(hist: torch.Tensor, x: torch.Tensor, high: int) -> None:
     """hist (2**LOW_BITS int64) += low_histogram of x's magnitude bits for the bin `high`."""
-    no_room = torch.empty(0, dtype=torch.int64)  # the loop notes no places
+    no_room = np.empty(0, dtype=np.int64)  # the loop notes no places
     if native.low_histogram_positions(x, hist, high, LOW_BITS, 0, no_room, no_room, 0) is None:
-        hist += low_histogram(magnitude_bits(x), high)
+        to_torch(hist).add_(low_histogram(magnitude_bits(to_torch(x)), high))
 
 
 def add_low_histogram_positions(hist: torch.Tensor, x: torch.Tensor, high: int, first: int,
@@ -99,29 +102,30 @@ def add_low_histogram_positions(hist: torch.Tensor, x: torch.Tensor, high: int, 
     done = native.low_histogram_positions(x, hist, high, LOW_BITS, first, positions, bits, count)
     if done is not None:
         return done
-    m = magnitude_bits(x)
+    hist, positions, bits = to_torch(hist), to_torch(positions), to_torch(bits)
+    m = magnitude_bits(to_torch(x))
     index = torch.nonzero((m >> LOW_BITS) == high).flatten()
     found = m[index].to(torch.int64)
     hist += torch.bincount(found & _LOW_MASK, minlength=1 << LOW_BITS)
-    room = max(0, min(index.numel(), positions.numel() - count))
+    room = max(0, min(index.numel(), len(positions) - count))
     positions[count:count + room] = index[:room].cpu() + first
     bits[count:count + room] = found[:room].cpu()
     return count + index.numel()
 
 
-def noted_low_histogram(bits: torch.Tensor, count: int, high: int) -> tuple[torch.Tensor, int]:
-    """The low-bits histogram of the first `count` noted magnitude bits whose bin is `high`, and how
-    many there are."""
-    hist = torch.zeros(1 << LOW_BITS, dtype=torch.int64)
+def noted_low_histogram(bits: np.ndarray, count: int, high: int) -> tuple[np.ndarray, int]:
+    """The low-bits histogram of the first `count` noted magnitude bits (int64) whose bin is `high`,
+    and how many there are."""
+    hist = np.zeros(1 << LOW_BITS, dtype=np.int64)
     found = native.noted_low_histogram(bits, count, high, LOW_BITS, hist)
     if found is None:
         noted = bits[:count]
-        hist = torch.bincount(noted[(noted >> LOW_BITS) == high] & _LOW_MASK, minlength=1 << LOW_BITS)
+        hist = np.bincount(noted[(noted >> LOW_BITS) == high] & _LOW_MASK, minlength=1 << LOW_BITS)
         found = int(hist.sum())
     return hist, found
 
 
-def nth_noted(bits: torch.Tensor, positions: torch.Tensor, count: int, target: int, n: int) -> int:
+def nth_noted(bits: np.ndarray, positions: np.ndarray, count: int, target: int, n: int) -> int:
     """The noted flat index of the n-th (1-based, in index order) of the first `count` notes whose
     magnitude bits are `target`; there are at least n."""
     found = native.nth_noted(bits, positions, count, target, n)
@@ -138,10 +142,11 @@ def note_bracket(x: torch.Tensor, state: torch.Tensor, positions: torch.Tensor, 
     if native.note_bracket(x, state, positions, bits, LOW_BITS):
         return
     noted, first, lowest, highest = (int(v) for v in state[[NOTED, NEXT, LOWEST, HIGHEST]])
+    x, state, positions, bits = to_torch(x), to_torch(state), to_torch(positions), to_torch(bits)
     m = magnitude_bits(x)
     high = m >> LOW_BITS
     index = torch.nonzero((high >= lowest) & (high <= highest)).flatten()
-    room = max(0, min(index.numel(), positions.numel() - noted))
+    room = max(0, min(index.numel(), len(positions) - noted))
     positions[noted:noted + room] = index[:room].cpu() + first
     bits[noted:noted + room] = m[index[:room]].cpu()
     state[NOTED] = noted + index.numel()
@@ -153,7 +158,7 @@ def count_noting(x: torch.Tensor, state: torch.Tensor, positions: torch.Tensor, 
     lies above the bracket."""
     if native.count_noting(x, state, positions, bits, LOW_BITS):
         return
-    state[ABOVE] += int(((magnitude_bits(x) >> LOW_BITS) > state[HIGHEST]).sum())
+    state[ABOVE] += int(((magnitude_bits(to_torch(x)) >> LOW_BITS) > int(state[HIGHEST])).sum())
     note_bracket(x, state, positions, bits)
 
 
@@ -224,20 +229,18 @@ def key_index(key: int) -> int:
     return _INDEX_MASK - (key & _INDEX_MASK)
 
 
-def _picks(hist: torch.Tensor, ranks: list[int]) -> list[tuple[int, int]]:
+def _picks(hist, ranks: list[int]) -> list[tuple[int, int]]:
     """For each rank (1-based, at most the histogram's total): the bin that holds the rank-th
     largest value of a histogram, and the rank that value has within its bin. One cumulative sum
     serves them all: bin b holds rank r when the entries of the bins below it, c[b - 1], are at
     most total - r and those up to it, c[b], more."""
-    below = hist.cumsum(0)
-    total = int(below[-1].item())
-    targets = torch.tensor([total - r for r in ranks], dtype=below.dtype, device=below.device)
-    bins = torch.searchsorted(below, targets, right=True).tolist()
-    ends = below[torch.tensor(bins, device=below.device)].tolist()  # entries up to each bin
-    return [(b, r - (total - end)) for b, r, end in zip(bins, ranks, ends)]
+    below = np.cumsum(hist if isinstance(hist, np.ndarray) else hist.cpu().numpy())
+    total = int(below[-1])
+    bins = np.searchsorted(below, [total - r for r in ranks], side="right").tolist()
+    return [(b, r - (total - int(below[b]))) for b, r in zip(bins, ranks)]
 
 
-def _pick(hist: torch.Tensor, rank: int) -> tuple[int, int]:
+def _pick(hist, rank: int) -> tuple[int, int]:
     """_picks for one rank."""
     return _picks(hist, [rank])[0]
 
@@ -261,12 +264,13 @@ class RankCutoff:
     def __init__(self, ctx: KernelContext, shape: tuple[int, ...], rank: int | None, bound: str = "lower",
                  fixed: int = KEEP_ALL):
         self.device = ctx.device
+        self.cpu = device_type(ctx.device) == "cpu"  # its histograms are numpy arrays there, else tensors
         self.n = math.prod(shape)
         if rank is not None and self.n > MAX_ENTRIES:
             raise ValueError(f"exact top-k supports tensors of up to 2**32 entries, found {self.n}")
         self.rank, self.bound, self.key = rank, bound, fixed
         self.stage = "bracket"
-        self.hist = torch.zeros(1 << HIGH_BITS, dtype=torch.int64, device=self.device)
+        self.hist = self._zeros(1 << HIGH_BITS)
         self.binned = 0  # entries in the high histogram of the first pass: the first chunk's
         self.high = self.rank_in_bin = self.bits = self.tie = 0
         self.seen = 0  # entries seen so far in this pass
@@ -278,7 +282,7 @@ class RankCutoff:
         self.in_bin = self.noted = 0
         # native_loops' NOTED, NEXT, LOWEST, HIGHEST, ABOVE, BRACKETED; until the bracket is known,
         # one bin past the last
-        self.state = torch.tensor([0, 0, 1 << HIGH_BITS, 1 << HIGH_BITS, 0, 0], dtype=torch.int64)
+        self.state = np.array([0, 0, 1 << HIGH_BITS, 1 << HIGH_BITS, 0, 0], dtype=np.int64)
 
     def update(self, pass_: int, x: torch.Tensor) -> None:
         if self.rank is None or x.numel() == 0:
@@ -313,8 +317,8 @@ class RankCutoff:
     def _buffers(self) -> None:
         if self.positions is None:
             room = min(self.n, POSITIONS)
-            self.positions = torch.empty(room, dtype=torch.int64)
-            self.magnitudes = torch.empty(room, dtype=torch.int64)
+            self.positions = np.empty(room, dtype=np.int64)
+            self.magnitudes = np.empty(room, dtype=np.int64)
 
     def _bracket(self, count: int) -> None:
         """The bracket of the first pass, from the histogram of its first `count` entries: the bins of
@@ -341,7 +345,7 @@ class RankCutoff:
         """After a native loop's chunk of the first pass, its values x: the first one sets the bracket
         and notes its entries (the loop binned them)."""
         if not self.state[BRACKETED]:
-            self.bracket_binned(x.numel())  # note_bracket counts nothing above: no count to put back
+            self.bracket_binned(numel(x))  # note_bracket counts nothing above: no count to put back
             self.note_chunk(x)
 
     def bracket_binned(self, count: int):
@@ -367,7 +371,7 @@ class RankCutoff:
         self.seen = 0
         if self.stage == "bracket":
             noted, lowest, highest, above = (int(v) for v in self.state[[NOTED, LOWEST, HIGHEST, ABOVE]])
-            fits = noted <= self.positions.numel()
+            fits = noted <= len(self.positions)
             if self.binned == self.n:  # one chunk: the histogram is whole
                 self.high, self.rank_in_bin = _pick(self.hist, self.rank)
                 inside = lowest <= self.high <= highest
@@ -379,13 +383,13 @@ class RankCutoff:
             if inside and fits:  # every entry of the chosen bin was noted, in index order
                 self.noted = noted
                 hist, self.in_bin = noted_low_histogram(self.magnitudes, noted, self.high)
-                self.hist = hist.to(self.device)
+                self.hist = hist if self.cpu else torch.from_numpy(hist).to(self.device)
                 return self._low_done()
             if self.binned == self.n:
                 self._start_low()
             else:
                 self.stage = "high"
-                self.hist.zero_()
+                self.hist[:] = 0
             return False
         if self.stage == "high":
             self.high, self.rank_in_bin = _pick(self.hist, self.rank)
@@ -399,13 +403,13 @@ class RankCutoff:
         """The bin of the bracket that holds the rank-th largest noted entry, and its rank there."""
         if lowest == highest:
             return lowest, rank
-        bins = torch.bincount((self.magnitudes[:noted] >> LOW_BITS) - lowest, minlength=highest - lowest + 1)
+        bins = np.bincount((self.magnitudes[:noted] >> LOW_BITS) - lowest, minlength=highest - lowest + 1)
         b, within = _pick(bins, rank)
         return lowest + b, within
 
     def _start_low(self) -> None:
         self.stage = "low"
-        self.hist = torch.zeros(1 << LOW_BITS, dtype=torch.int64, device=self.device)
+        self.hist = self._zeros(1 << LOW_BITS)
         self.in_bin = self.noted = 0
 
     def _low_done(self) -> bool:
@@ -423,13 +427,19 @@ class RankCutoff:
         if self.bound == "upper" and self.tie == 1:
             self.key = (self.bits << INDEX_BITS) | _INDEX_MASK
             return True
-        if self.in_bin <= positions.numel():  # every entry of the bin was noted: no scan
+        if self.in_bin <= len(positions):  # every entry of the bin was noted: no scan
             index = nth_noted(magnitudes, positions, self.noted or self.in_bin, self.bits, self.tie)
             self.key = (self.bits << INDEX_BITS) | (_INDEX_MASK - index)
             return True
         return False
 
-    def result(self) -> torch.Tensor:
+    def _zeros(self, n: int):
+        return np.zeros(n, dtype=np.int64) if self.cpu else torch.zeros(n, dtype=torch.int64, device=self.device)
+
+    def result(self):
+        """The cutoff: a 0-d int64 numpy array on the CPU (arrays.py), else a tensor on the device."""
+        if self.cpu:
+            return np.array(self.key, dtype=np.int64)
         return torch.tensor(self.key, dtype=torch.int64, device=self.device)
 
 
@@ -513,7 +523,7 @@ def kth_largest_key(x: torch.Tensor, rank: int, bound: str = "lower", chunk: int
         for s in range(0, flat.numel(), step):
             reducer.update(pass_, flat[s:s + step])
         if reducer.end_pass(pass_):
-            return int(reducer.result().item())
+            return int(reducer.key)
         pass_ += 1
 
 

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .. import rng
+from ..arrays import device_type
 from ..lazy import torch
 from . import native, select  # select also registers topk_cutoff and band_cutoff
 from .abs_sum import AbsSum
@@ -169,9 +172,12 @@ class L1Ratio:
     def end_pass(self, pass_: int) -> bool:
         return True
 
-    def result(self) -> torch.Tensor:
+    def result(self):
+        """The ratio, a 0-d float32: a numpy array on the CPU (arrays.py), else a tensor on the device."""
         num, den = self.num.value(), self.den.value()
         ratio = 1.0 if num < EPS_NORM or den < EPS_NORM else num / den
+        if device_type(self.device) == "cpu":
+            return np.array(ratio, dtype=np.float32)
         return torch.tensor(ratio, dtype=torch.float32, device=self.device)
 
 
