@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mergelang.arrays import NUMPY_DTYPES
 from mergelang.io import DTYPE_CODES, DTYPES, Checkpoint, CheckpointError, itemsize, read_header
 from mergelang.io.safetensors_format import ITEMSIZES, decode_floats
 
@@ -126,6 +127,9 @@ def test_read_ranges_matches_safetensors(single: Path):
                 got = ckpt.read(name, start, stop)
                 assert got.dtype == ref.dtype
                 assert torch.equal(got, flat[start:stop]), (name, start, stop)
+                array = ckpt.read_array(name, start, stop)  # numpy, in the dtype's numpy view: the same bits
+                assert array.dtype == NUMPY_DTYPES[ckpt.tensors[name].dtype] and array.flags.writeable
+                assert array.tobytes() == flat[start:stop].contiguous().view(torch.uint8).numpy().tobytes()
             assert torch.equal(ckpt.read(name, n // 2), flat[n // 2 :])
 
 

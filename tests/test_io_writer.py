@@ -10,11 +10,13 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from mergelang.arrays import to_numpy
 from mergelang.io import (
     DTYPE_CODES,
     MODEL_FILES,
@@ -98,6 +100,18 @@ def test_chunked_shuffled_writes_match_safetensors(tmp_path: Path, shard_size: i
     with Checkpoint.open(tmp_path / "out") as ckpt:
         for name, tensor in tensors.items():
             assert same(ckpt.read(name).reshape(tensor.shape), tensor), name
+
+
+def test_numpy_chunks_in_the_dtypes_numpy_view_match_safetensors(tmp_path: Path):
+    """The loops' chunks are numpy arrays (a bfloat16 as its uint16 bits: arrays.to_numpy): written
+    as such, every dtype gives the bytes safetensors writes from the tensors."""
+    tensors = random_tensors()
+    with ShardedWriter(tmp_path, specs(tensors), 300) as writer:
+        for name, start, chunk in uneven_chunks(tensors, 4):
+            writer.write(name, start, to_numpy(chunk))
+    loaded = load_all(writer.files)
+    for name, tensor in tensors.items():
+        assert same(loaded[name], tensor), name
 
 
 def test_concurrent_writes_match_safetensors(tmp_path: Path):
@@ -300,8 +314,13 @@ def test_write_checks(tmp_path: Path):
             writer.write("w", 0, torch.zeros(12, dtype=torch.bfloat16)[::2])
         with pytest.raises(KeyError, match="'nope'"):
             writer.write("nope", 0, torch.zeros(1, dtype=torch.bfloat16))
+        with pytest.raises(ValueError, match=r"'w' is stored as BF16 \(uint16\), got data of float32"):
+            writer.write("w", 0, np.zeros(6, dtype=np.float32))
+        with pytest.raises(ValueError, match="contiguous"):
+            writer.write("w", 0, np.zeros(12, dtype=np.uint16)[::2])
         data = torch.arange(6).to(torch.bfloat16)
-        writer.write("w", 0, data)
+        writer.write("w", 0, data[:3])
+        writer.write("w", 3, to_numpy(data[3:]))
     assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["w"], data.reshape(2, 3))
 
 
