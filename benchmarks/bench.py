@@ -767,8 +767,8 @@ def report(args, shape, size, warm_bytes, warm_s, env_bytes, floor, results, dep
           f"{floor.write_nosync_s:.2f} s to write it into the page cache without fsync); medians of "
           f"{args.runs}. mergelang fsyncs its output; mergekit does not.")
     print(f"Startup = starting Python and importing torch (`python -c \"import os, torch; os._exit(0)\"`), "
-          f"which both tools "
-          f"do before they read a byte: {args.startup_s:.2f} s (median of {max(args.runs, 3)}). "
+          f"which mergekit does before it reads a byte (mergelang imports torch only for an op that its "
+          f"loops do not compute; these merges have none): {args.startup_s:.2f} s (median of {max(args.runs, 3)}). "
           f"mergelang / (floor + startup): "
           + ", ".join(f"{m.name} {_ratio(results[m.name, 'mergelang'].wall, floor.for_inputs(m.inputs) + args.startup_s)}"
                       for m in args.merges) + ".")

@@ -1,7 +1,8 @@
-"""On a thread, while torch loads: touch the heap a merge will use, then read ahead the files it
-loads after torch (`launch.py` starts it for `run` and `demo`).
+"""On a thread, while the command's modules load: touch the heap a merge will use, then read ahead
+the files it loads later (`launch.py` starts it for `run` and `demo`).
 
-Importing torch takes a second or more of one core. Meanwhile the disk is idle, though llvmlite (a
+This was measured while every merge imported torch first (a second or more of one core; a merge
+whose loops compute all of it no longer does: arrays.py). Meanwhile the disk is idle, though llvmlite (a
 170 MB library), numba's two helper libraries, networkx, lark, mergelang's own modules and the
 stored machine code of its loops are read later, one page fault at a time where the page cache no
 longer holds them: a `dare_linear` run took 3.65 s with those files out of the cache against 3.15 s
@@ -17,7 +18,9 @@ goes first because it needs the GIL for a few calls only, where finding the file
 takes 20 ms of Python, which the importing thread lets it run only in slices: started after that,
 the heap was ready when torch was half loaded. Fresh pages in a `ties` run of the benchmark: 46k in
 the threads that import and compute (and 41k in this one), against 96k without; its wall time fell
-by 8% (median of 16 alternating runs, 14 of 16 pairs faster).
+by 8% (median of 16 alternating runs, 14 of 16 pairs faster). In runs that never import torch it
+still pays for `ties` (1.31 → 1.26 s, medians of 4 alternating runs) and changes `linear`'s time
+nothing (0.72 s), for 80 MB more at the peak (190 → 270 MB).
 
 Where mergelang ran within the kernel's eviction window, the files are cached and reading them
 ahead only costs the importing thread the GIL: a `linear` run took 60 ms longer with the read-ahead
