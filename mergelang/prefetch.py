@@ -3,7 +3,7 @@ the files it loads later (`launch.py` starts it for `run` and `demo`).
 
 This was measured while every merge imported torch first (a second or more of one core; a merge
 whose loops compute all of it no longer does: arrays.py). Meanwhile the disk is idle, though llvmlite (a
-170 MB library), numba's two helper libraries, networkx, lark, mergelang's own modules and the
+170 MB library), numba's two helper libraries, lark, mergelang's own modules and the
 stored machine code of its loops are read later, one page fault at a time where the page cache no
 longer holds them: a `dare_linear` run took 3.65 s with those files out of the cache against 3.15 s
 with them in. The
@@ -41,7 +41,7 @@ from pathlib import Path
 from .memory import libc_function, warm_heap
 from .paths import cache_dir
 
-PACKAGES = ("llvmlite", "networkx", "lark")
+PACKAGES = ("llvmlite", "lark")
 # Of numba, a run that links stored loops loads only the helper libraries (machine_code.HELPERS).
 NUMBA_LIBRARIES = ("_helperlib.", "_nrt_python.")
 STEP = 4 << 20  # bytes per read-ahead request

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from functools import lru_cache
-
-import networkx as nx
 
 from .graph import Node
 from .ops import OPS
@@ -23,38 +22,19 @@ def is_leaf(node: Node) -> bool:
     return node.op in ("const", "load") or OPS[node.op].kind != "elementwise"
 
 
-def region_graph(root: Node, stops: frozenset = frozenset()) -> nx.DiGraph:
-    """The region under root as a networkx graph: an edge a → b when b uses a. Nodes in `stops`
-    (values already computed whole) end the region like leaves."""
-    g = nx.DiGraph()
-    g.add_node(root)
-    todo = [root]
-    while todo:
-        n = todo.pop()
-        if is_leaf(n) or n in stops:
-            continue
-        for a in n.args:
-            if a not in g:
-                todo.append(a)
-            g.add_edge(a, n)
-    return g
-
-
 @lru_cache(maxsize=1024)
 def region(root: Node, stops: frozenset = frozenset()) -> tuple[Step, ...]:
     """A deterministic topological order of root's region, with last-use frees. A step with no
-    inputs is a leaf: a load, a constant, a reduction or tensor op, or a node in `stops`.
+    inputs is a leaf: a load, a constant, a reduction or tensor op, or a node in `stops` (values
+    already computed whole), which end the region.
 
     Graphs are interned, so every tensor whose specialized graph is the same shares one schedule.
     """
-    g = region_graph(root, stops)
-    rank = {n: i for i, n in enumerate(_first_visit(root, stops))}
-    order = list(nx.lexicographical_topological_sort(g, key=rank.__getitem__))
-    position = {n: i for i, n in enumerate(order)}
-
     def inner(n: Node) -> bool:
         return not is_leaf(n) and n not in stops
 
+    order = _order(root, inner)
+    position = {n: i for i, n in enumerate(order)}
     last_use = {position[a]: i for i, n in enumerate(order) if inner(n) for a in n.args}
     frees: dict[int, list[int]] = {}
     for value, at in last_use.items():
@@ -63,7 +43,36 @@ def region(root: Node, stops: frozenset = frozenset()) -> tuple[Step, ...]:
                  for i, n in enumerate(order))
 
 
-def _first_visit(root: Node, stops: frozenset) -> list[Node]:
+def _order(root: Node, inner) -> list[Node]:
+    """The region's nodes, each after its inputs; of the nodes ready at each point, the first in
+    depth-first, left-to-right order from the root (`_first_visit`) goes first. Kahn's algorithm
+    with a heap of ready nodes by that rank: networkx's lexicographical_topological_sort with the
+    rank as key gives the same order (tests/test_schedule.py), but importing networkx took 0.1-0.14 s
+    of every run here (its backends' entry points are looked up at import), a fifth of the
+    benchmark's whole I/O floor, for this one sort."""
+    nodes = _first_visit(root, inner)
+    rank = {n: i for i, n in enumerate(nodes)}
+    consumers: dict[Node, list[Node]] = {n: [] for n in nodes}
+    waiting: dict[Node, int] = {}  # node → its inputs not yet ordered
+    for n in nodes:
+        args = dict.fromkeys(n.args) if inner(n) else {}
+        waiting[n] = len(args)
+        for a in args:
+            consumers[a].append(n)
+    ready = [rank[n] for n in nodes if not waiting[n]]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        n = nodes[heapq.heappop(ready)]
+        order.append(n)
+        for c in consumers[n]:
+            waiting[c] -= 1
+            if not waiting[c]:
+                heapq.heappush(ready, rank[c])
+    return order
+
+
+def _first_visit(root: Node, inner) -> list[Node]:
     """Region nodes in depth-first, left-to-right order: the tie-break of the topological sort."""
     seen, order, stack = set(), [], [root]
     while stack:
@@ -72,6 +81,6 @@ def _first_visit(root: Node, stops: frozenset) -> list[Node]:
             continue
         seen.add(n)
         order.append(n)
-        if not is_leaf(n) and n not in stops:
+        if inner(n):
             stack.extend(reversed(n.args))
     return order

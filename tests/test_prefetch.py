@@ -25,8 +25,8 @@ def test_the_files_are_the_compiled_modules_libraries_and_stored_loops(tmp_path,
     monkeypatch.setenv("MERGELANG_CACHE_DIR", str(tmp_path))
     found = prefetch.files()
     tag = sys.implementation.cache_tag
+    import lark
     import numba
-    import networkx
 
     from mergelang.ops import machine_code
 
@@ -34,7 +34,7 @@ def test_the_files_are_the_compiled_modules_libraries_and_stored_loops(tmp_path,
     assert numba_dir / "__pycache__" / f"__init__.{tag}.pyc" not in found  # numba is not imported
     assert {p for p in found if p.is_relative_to(numba_dir)} == {
         machine_code._extension(name, numba_dir / relative)[1] for name, relative, _ in machine_code.HELPERS}
-    assert Path(networkx.__file__).parent / "__pycache__" / f"__init__.{tag}.pyc" in found
+    assert Path(lark.__file__).parent / "__pycache__" / f"__init__.{tag}.pyc" in found
     assert any(p.name.startswith("libllvmlite") for p in found)  # llvmlite's library
     assert not any(p.suffix == ".py" for p in found)
     assert {p.name for p in found if p.parent == loops} == {"loop3.o", "loop2.o"}
