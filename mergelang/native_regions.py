@@ -17,8 +17,11 @@ tests/test_native_regions.py compares every supported op, and whole merges, with
 
 A region runs here when every op of it is in OPS_SUPPORTED, every input is a bf16 or float32
 chunk of the region's shape or a 0-d statistic (float32, or an int64 rank cutoff), the chunk holds
-at least native.MIN_ELEMENTS entries, and numba is available (native.py: MERGELANG_NATIVE=0 turns
-it off). Anything else stays with the eager path (or inductor, when asked for).
+at least native.MIN_ELEMENTS entries (or its loop is there already: a model's small tensors take
+the loops its large ones built), and numba is available (native.py: MERGELANG_NATIVE=0 turns it
+off). Anything else stays with the eager path (or inductor, when asked for). The chunks go in and
+out as numpy arrays on the native path (arrays.py), so a merge whose regions all run here never
+imports torch.
 
 A loop may also hand values of its region to a reduction as it computes them (taps: see
 tapped.py): block by block, the values go to a buffer in the L1 cache and from
@@ -55,7 +58,7 @@ from .schedule import Step
 log = logging.getLogger(__name__)
 
 OPS_SUPPORTED = {"add", "sub", "mul", "div", "neg", "sum", "avg", "weighted_sum", "abs", "dare", "keep_random",
-                 "keep_top", "keep_at_least", "disjoint_merge", "ifelse"}
+                 "keep_top", "keep_band", "keep_at_least", "disjoint_merge", "ifelse"}
 _STORED_KINDS = {"BF16": "bf16", "F32": "f32"}  # a load's kind in the loop, by its stored dtype
 
 _HEADER = '''\
@@ -159,7 +162,7 @@ def _generate(steps: tuple[Step, ...], kinds: tuple[str, ...], taps: tuple = (),
                 if isinstance(a, bool) or not isinstance(a, (int, float)):
                     raise _Unsupported(f"a constant input of {n.op} that is not a number")
                 inputs[k] = _Arg(None, "c", a)
-        if n.op != "keep_top" and any(a.typ == "i" for a in inputs):
+        if n.op not in ("keep_top", "keep_band") and any(a.typ == "i" for a in inputs):
             raise _Unsupported(f"an integer input of {n.op}")
         if all(a.typ == "c" for a in inputs):  # Python numbers: computed here as eager computes them
             if spec.random:
@@ -357,6 +360,18 @@ def _emit(w: _Writer, op: str, i: int, inputs: list[_Arg], p: dict, random_steps
                         f"m{i} = np.float32({x[0]}).view(np.uint32) & ABS"),
               _Variants(f"{out} = {x[0]} if ((m{i} > t{i}) | ((m{i} == t{i}) & (start + g <= last{i}))) & keep{i} else F0",
                         f"{out} = {x[0]} if m{i} >= u{i} else F0")]
+    elif op == "keep_band":
+        if inputs[0].typ != "f" or inputs[1].typ != "i" or inputs[2].typ != "i":
+            raise _Unsupported("keep_band wants a chunk and two int64 cutoffs")
+        # select.keep_mask's two tests on (magnitude bits, flat index): key >= lower (none kept where
+        # lower is KEEP_NONE) and key <= upper.
+        mask = (1 << INDEX_BITS) - 1
+        w.setup += [f"tl{i} = {x[1]} >> {INDEX_BITS}", f"lastl{i} = {mask} - ({x[1]} & {mask})",
+                    f"keepl{i} = {x[1]} != {KEEP_NONE}",
+                    f"tu{i} = {x[2]} >> {INDEX_BITS}", f"lastu{i} = {mask} - ({x[2]} & {mask})"]
+        b += [f"m{i} = np.int64(np.float32({x[0]}).view(np.uint32) & ABS)",
+              f"{out} = {x[0]} if (((m{i} > tl{i}) | ((m{i} == tl{i}) & (start + g <= lastl{i}))) & keepl{i}) "
+              f"& ((m{i} < tu{i}) | ((m{i} == tu{i}) & (start + g >= lastu{i}))) else F0"]
     elif op == "keep_at_least":
         b.append(f"{out} = {x[0]} if abs({x[0]}) >= {x[1]} else F0")
     elif op == "disjoint_merge":

@@ -108,9 +108,11 @@ def loop_sized(tmp_path_factory) -> Path:
     "linear([ft0, ft1, ft2], weights=[0.5, 0.3, 0.2])",
     "dare_linear(base, [ft0, ft1], weights=[0.5, 0.5], density=0.1)",  # l1 sums of each delta
     "ties(base, [ft0, ft1, ft2], weights=[0.5, 0.3, 0.2], density=0.5)",  # top-k selects
+    "breadcrumbs(base, [ft0, ft1], weights=[0.5, 0.5], density=0.5, gamma=0.05)",  # bands
 ])
 def test_a_merge_of_native_regions_runs_without_torch(loop_sized, tmp_path, monkeypatch, method):
-    """The benchmark's merges, run with torch unimportable, give the bytes of the eager torch path."""
+    """The benchmark's merges (and breadcrumbs), run with torch unimportable, give the bytes of the
+    eager torch path."""
     spec = write_spec(tmp_path, "".join(f'{m} = model("{loop_sized / m}")\n' for m in ("base", "ft0", "ft1", "ft2"))
                       + f"output {method}\n")
     done = _without_torch("run", str(spec), "-o", str(tmp_path / "out"), "-q", cwd=tmp_path,

@@ -68,11 +68,13 @@ def every_op() -> Node:
     da, db = Node("sub", [a, c]), Node("sub", [b, c])
     top = Node("keep_top", [da, Node("topk_cutoff", [da, const(0.4)])])
     top_c = Node("keep_top", [db, Node("topk_cutoff", [db, const(0.5)])])
+    band = Node("keep_band", [da, Node("band_cutoff", [da, const(0.6), const(0.1), const(0.0)]),
+                              Node("band_cutoff", [da, const(0.6), const(0.1), const(1.0)])])
     dare = with_random_key(Node("dare", [db, const(0.7), const(0)]))
     rand = with_random_key(Node("keep_random", [da, const(0.3), const(1)]))
     ties = Node("disjoint_merge", [top, dare, rand, const(0.5), const(0.3), const(0.2), const(1.0), const(0.0)])
     count = Node("disjoint_merge", [top_c, dare, const(1.0), const(-1.0), const(0.0), const(1.0)])
-    plain = Node("disjoint_merge", [top, rand, const(2.0), const(0.5), const(0.0), const(0.0)])
+    plain = Node("disjoint_merge", [top, rand, band, const(2.0), const(0.5), const(1.0), const(0.0), const(0.0)])
     ws = Node("weighted_sum", [a, b, c, const(0.3), const(0.4), const(0.2), const(1.0)])
     raw = Node("weighted_sum", [a, b, const(0.3), const(-0.3), const(1.0)])  # weights sum to 0: no division
     atleast = Node("keep_at_least", [ws, Node("mean", [Node("abs", [d])])])
@@ -104,6 +106,28 @@ def test_every_op_gives_the_eager_bits_for_any_chunking():
         assert same_bits(got, expected), chunk
         ops = {s.node.op for (steps, *_), loop in fuser.native._loops.items() if loop for s in steps if s.inputs}
         assert ops >= native_regions.OPS_SUPPORTED, native_regions.OPS_SUPPORTED - ops
+
+
+def test_keep_band_splits_runs_of_equal_magnitudes_as_the_eager_path():
+    """Breadcrumbs' band on values with few magnitudes (long runs of ties at both ends): the loop
+    keeps, of the entries equal to an end's magnitude, exactly those the eager masks keep, wherever
+    the chunks cut; an end that keeps all or none too."""
+    g = torch.Generator().manual_seed(5)
+    data = {"a": (torch.randint(-4, 5, SHAPE, generator=g) * 0.25).to(torch.float32),
+            "c": (torch.randint(-1, 2, SHAPE, generator=g) * 0.25).to(torch.float32)}
+    x = Node("sub", [L("a"), L("c")])
+    for density, gamma in ((0.5, 0.1), (0.3, 0.0), (0.9, 0.2), (1.0, 0.1)):
+        graph = Node("keep_band", [x, Node("band_cutoff", [x, const(density), const(gamma), const(0.0)]),
+                                   Node("band_cutoff", [x, const(density), const(gamma), const(1.0)])])
+        kept = set()
+        for chunk in (33 * 64, 33 * 7, 33 * 5):
+            fuser = native_fuser()
+            expected = evaluate(graph, SHAPE, data, chunk)
+            assert same_bits(evaluate(graph, SHAPE, data, chunk, fuser), expected), (density, gamma, chunk)
+            assert any(s.node.op == "keep_band" for (steps, *_), loop in fuser.native._loops.items() if loop
+                       for s in steps)
+            kept.add(int((expected != 0).sum()))
+        assert len(kept) == 1 and 0 < kept.pop() <= SHAPE[0] * SHAPE[1]
 
 
 @settings(max_examples=4, deadline=None)

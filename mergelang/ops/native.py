@@ -10,7 +10,9 @@ Every loop computes exactly what the torch code it replaces computes: the mask, 
 selects with integer arithmetic on the float bits, copying a kept entry's bits (NaNs, infinities and
 signed zeros included); disjoint_merge with its float32 operations in the torch code's order. So the
 output does not depend on whether they run; tests/test_native.py compares each with the torch path.
-They apply to contiguous float32 CPU chunks of at least MIN_ELEMENTS entries; anything else (a GPU,
+They apply to contiguous float32 CPU chunks (numpy arrays or torch tensors) of at least
+MIN_ELEMENTS entries (smaller ones take the first pass's noting loop where it is linked already);
+anything else (a GPU,
 another dtype, MERGELANG_NATIVE=0, NUMBA_DISABLE_JIT=1, or numba missing or failing to load) takes
 the torch path.
 """
