@@ -72,10 +72,16 @@ def test_reading_ahead_brings_whole_files_into_the_page_cache_and_skips_the_rest
     real = tmp_path / "f.bin"
     real.write_bytes(os.urandom(24 << 20))  # several requests' steps, more than a read-ahead window
     evicted(real)
-    prefetch.read_ahead([tmp_path / "missing", tmp_path, real])  # a folder opens but is not advised
-    deadline = time.monotonic() + 10
-    while resident_pages(real)[0] < resident_pages(real)[1] and time.monotonic() < deadline:
-        time.sleep(0.02)
+    # The advice is a hint: under memory pressure the kernel drops some of its reads (5780 of 6144
+    # pages arrived once, on a busy machine). Each page is asked for again, at most twice more; a
+    # part of the file the calls never cover stays out however often they are made.
+    for _ in range(3):
+        prefetch.read_ahead([tmp_path / "missing", tmp_path, real])  # a folder opens but is not advised
+        deadline = time.monotonic() + 5
+        while resident_pages(real)[0] < resident_pages(real)[1] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if resident_pages(real)[0] == resident_pages(real)[1]:
+            break
     assert resident_pages(real)[0] == resident_pages(real)[1]
 
 
