@@ -44,6 +44,20 @@ def numel(value) -> int:
     return math.prod(value.shape)
 
 
+_TORCH_NAMES = {"torch.bfloat16": "uint16", "torch.float32": "float32", "torch.int64": "int64"}
+
+
+def cpu_dtype(value) -> str | None:
+    """The numpy name of the dtype of a contiguous CPU array or tensor ("float32", "int64", "uint16"
+    for a bfloat16's bits, ...), as a loop reads it; None for anything else (another device, a
+    strided view, not an array). A torch tensor of another dtype than those is None too."""
+    if isinstance(value, np.ndarray):
+        return value.dtype.name if value.flags.c_contiguous else None
+    if is_torch(value) and value.device.type == "cpu" and value.is_contiguous():
+        return _TORCH_NAMES.get(str(value.dtype))
+    return None
+
+
 def to_torch(value, code: str | None = None):
     """value as a torch tensor: a numpy array's memory viewed (its stored dtype `code` where its
     numpy view holds bits: a bfloat16's uint16), a torch tensor as it is."""

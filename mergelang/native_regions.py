@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from . import rng
-from .arrays import device_type, is_torch
+from .arrays import cpu_dtype, device_type, numel
 from .paths import cache_folders, write_into
 from .ops import OPS, machine_code, native
 from .ops.consensus import ZERO_SUM, _f32_sum
@@ -423,16 +423,12 @@ def _leaf_kind(value, count: int) -> str | None:
     """How a leaf's value enters the loop, or None when it cannot (another dtype or shape): a
     contiguous CPU chunk of `count` entries (numpy's view of its stored dtype, or a torch tensor),
     or a 0-d statistic."""
-    if isinstance(value, np.ndarray):
-        dtype, ndim, size, contiguous = value.dtype.name, value.ndim, value.size, value.flags.c_contiguous
-    elif is_torch(value) and value.device.type == "cpu":
-        dtype = {"torch.bfloat16": "uint16", "torch.float32": "float32", "torch.int64": "int64"}.get(str(value.dtype))
-        ndim, size, contiguous = value.dim(), value.numel(), value.is_contiguous()
-    else:
+    dtype = cpu_dtype(value)
+    if dtype is None:
         return None
-    if ndim == 0:
+    if len(value.shape) == 0:
         return {"float32": "scalar", "int64": "int"}.get(dtype)
-    if size != count or not contiguous:
+    if numel(value) != count:
         return None
     return {"uint16": "bf16", "float32": "f32"}.get(dtype)
 
@@ -494,7 +490,7 @@ class NativeRegions:
                 values[n] = full if full.ndim == 0 else full[r0:r1]
             kinds.append(_leaf_kind(values[n], count))
         kinds = tuple(kinds)
-        if None in kinds or not all(native.int64_cpu(a) for _, _, arrays, _ in taps for a in arrays):
+        if None in kinds or not all(cpu_dtype(a) == "int64" for _, _, arrays, _ in taps for a in arrays):
             return None
         tap_key = tuple((step, loop, tuple(constants), tuple(a.ndim for a in arrays))
                         for step, loop, arrays, constants in taps)

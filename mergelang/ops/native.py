@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import rng
-from ..arrays import numel
+from ..arrays import cpu_dtype, numel
 from ..lazy import torch
 from . import machine_code
 
@@ -153,20 +153,7 @@ def _native_loops() -> dict:
 
 def _fits(x) -> bool:
     """x is a contiguous float32 CPU chunk (a numpy array or a torch tensor) of MIN_ELEMENTS or more."""
-    return numel(x) >= MIN_ELEMENTS and _float32_cpu(x)
-
-
-def _float32_cpu(x) -> bool:
-    if isinstance(x, np.ndarray):
-        return x.dtype == np.float32 and x.flags.c_contiguous
-    return x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
-
-
-def int64_cpu(a) -> bool:
-    """a is a contiguous int64 CPU array or tensor (a histogram)."""
-    if isinstance(a, np.ndarray):
-        return a.dtype == np.int64 and a.flags.c_contiguous
-    return a.dtype == torch.int64 and a.device.type == "cpu" and a.is_contiguous()
+    return numel(x) >= MIN_ELEMENTS and cpu_dtype(x) == "float32"
 
 
 def keep_random(x: torch.Tensor, key: int, start: int, keep_probability: float) -> torch.Tensor | None:
@@ -191,7 +178,7 @@ def keep_random(x: torch.Tensor, key: int, start: int, keep_probability: float) 
 def high_histogram(x: torch.Tensor, hist: torch.Tensor, low_bits: int) -> bool:
     """hist += the histogram of the magnitude bits of x shifted right by low_bits; False where this
     loop does not apply (nothing added)."""
-    loop = _loop("high_histogram") if _fits(x) and int64_cpu(hist) else None
+    loop = _loop("high_histogram") if _fits(x) and cpu_dtype(hist) == "int64" else None
     if loop is None:
         return False
     loop(x, hist, np.uint32(low_bits))
@@ -214,8 +201,12 @@ def count_noting(x: torch.Tensor, state: torch.Tensor, positions: torch.Tensor, 
 def _first_pass_loop(name: str, x, state, positions, bits, low_bits: int) -> bool:
     """A chunk smaller than MIN_ELEMENTS takes the loop where it is linked already: a small tensor
     whose first pass ran in a region's loop (tapped.py) is noted here."""
-    small = numel(x) < MIN_ELEMENTS and _found.get(name) is not None and _float32_cpu(x)
-    loop = _found[name] if small and os.environ.get(ENV, "1") != "0" else _loop(name) if _fits(x) else None
+    if cpu_dtype(x) != "float32":
+        return False
+    if numel(x) >= MIN_ELEMENTS:
+        loop = _loop(name)
+    else:
+        loop = _found.get(name) if os.environ.get(ENV, "1") != "0" else None
     if loop is None:
         return False
     loop(x, state, positions, bits, np.uint32(low_bits))
@@ -229,7 +220,7 @@ def low_histogram_positions(x: torch.Tensor, hist: torch.Tensor, high: int, low_
     counts into positions and bits (int64) from `count` on, while they have room (none: empty
     buffers); returns count plus the entries counted, or None where this loop does not apply
     (nothing added)."""
-    loop = _loop("low_histogram_positions") if _fits(x) and int64_cpu(hist) else None
+    loop = _loop("low_histogram_positions") if _fits(x) and cpu_dtype(hist) == "int64" else None
     if loop is None:
         return None
     return int(loop(x, hist, np.uint32(high), np.uint32(low_bits), np.uint32((1 << low_bits) - 1),
